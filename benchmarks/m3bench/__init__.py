@@ -1,0 +1,1 @@
+"""Benchmark client for OpenAI-compatible endpoints, shaped like agentic traffic."""
