@@ -2,4 +2,16 @@
 
 This package knows nothing of SGLang: it takes tensors in SGLang's paged-pool layout
 (token slots; K/V [slots, kv_heads, 128]; index-K [slots, 1, 128]; page = 128 tokens = one MSA block).
+
+    p = plan(page_table, seq_lens, q_lens)          # once per forward batch
+    store(slots, k, v, index_k, k_cache, v_cache, index_k_cache)   # per layer
+    sel = index_topk(p, q_idx, index_k_cache)       # per sparse layer: [T, H_idx, 16] block ids
+    o = sparse_attention(p, q, k_cache, v_cache, sel)
+
+`msa_kernels.ops` dispatches each op to its Triton kernel on CUDA and to its reference elsewhere.
 """
+
+from .layout import BLOCK_SIZE, TOPK_BLOCKS, MSAInputError
+from .plan import MSAPlan, plan
+
+__all__ = ["BLOCK_SIZE", "TOPK_BLOCKS", "MSAInputError", "MSAPlan", "plan"]
