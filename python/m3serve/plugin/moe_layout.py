@@ -1,0 +1,76 @@
+"""Correct SwiGLU-OAI for M3 in SGLang's torch-native MoE (the path every out-of-tree platform takes).
+
+Upstream bug (sglang 0.5.23, layers/moe/fused_moe_native.py): `moe_forward_native` applies the GPT-OSS
+SwiGLU with *interleaved* gate/up columns (x[..., ::2], x[..., 1::2]) whenever `gemm1_alpha` is set,
+ignoring `MoeRunnerConfig.gate_up_interleaved`. M3 loads w13 as [gate; up] halves
+(gate_up_interleaved=False; only the CUDA path re-interleaves), so the activation mixes gate and up
+channels: no error, just logprobs off by up to ~2 against transformers.
+
+For configs with gemm1_alpha set and halves layout we run our own expert loop with the halves-layout
+activation; everything else goes to SGLang's original function unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import marker
+
+TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
+
+
+def swiglu_oai_halves(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """SwiGLU-OAI over [gate | up] halves: clamp, gate * sigmoid(alpha * gate) * (up + 1)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def needs_halves_fix(cfg) -> bool:
+    return (
+        getattr(cfg, "gemm1_alpha", None) is not None
+        and getattr(cfg, "activation", "silu") == "silu"
+        and not getattr(cfg, "gate_up_interleaved", True)
+    )
+
+
+def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg) -> torch.Tensor:
+    """Routed experts for tokens x [T, H]: sum_k w_k * down_e(act(gate_up_e(x))) with e = topk_ids[:, k]."""
+    if cfg.apply_router_weight_on_input:
+        raise NotImplementedError("m3serve MoE: apply_router_weight_on_input is not used by M3")
+    if cfg.gemm1_clamp_limit is None:
+        raise NotImplementedError("m3serve MoE: SwiGLU-OAI needs gemm1_clamp_limit (swiglu_limit)")
+    topk_weights, topk_ids, _ = topk_output
+    w13_bias = getattr(layer, "w13_weight_bias", None)
+    w2_bias = getattr(layer, "w2_weight_bias", None)
+    t, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1).long()
+    order = flat_ids.argsort()
+    token_of = order // k  # token of each (token, slot) pair, grouped by expert
+    counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()
+    out_pairs = x.new_empty(t * k, x.shape[-1])
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start : start + n]
+        h = F.linear(x[rows], layer.w13_weight[expert])
+        if w13_bias is not None:
+            h = (h.float() + w13_bias[expert]).to(x.dtype)
+        h = swiglu_oai_halves(h, cfg.gemm1_alpha, cfg.gemm1_clamp_limit)
+        y = F.linear(h, layer.w2_weight[expert])
+        if w2_bias is not None:
+            y = (y.float() + w2_bias[expert]).to(x.dtype)
+        out_pairs[order[start : start + n]] = y
+        start += n
+    weighted = out_pairs.view(t, k, -1).to(topk_weights.dtype) * topk_weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(x.dtype)
+
+
+def fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
+    if args or kwargs or not needs_halves_fix(moe_runner_config):
+        return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    marker.record("moe_halves_fix", "M3 MoE: SwiGLU-OAI applied over [gate; up] halves (upstream layout fix)")
+    return moe_halves_forward(layer, x, topk_output, moe_runner_config)
