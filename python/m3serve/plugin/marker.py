@@ -2,8 +2,10 @@
 
 SGLang loads plugins before logging is configured, so their log lines never show. Instead:
   * one line on stderr the first time each kind of activity happens (it lands in the server log);
-  * when M3SERVE_PLUGIN_MARKER names a file, a JSON snapshot of the counters, rewritten at the first
-    event of each kind and then at every power-of-two count (cheap, and current enough for tests).
+  * when M3SERVE_PLUGIN_MARKER_DIR names a folder, each server process keeps a JSON snapshot of its
+    counters there (`plugin-<pid>.json`), rewritten at the first event of each kind and then at every
+    power-of-two count (cheap, and current enough for tests). One file per process, because SGLang runs
+    the plugin in the HTTP, scheduler (one per TP rank) and detokenizer processes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import threading
 from typing import Any
 
-MARKER_ENV = "M3SERVE_PLUGIN_MARKER"
+MARKER_ENV = "M3SERVE_PLUGIN_MARKER_DIR"
 
 _lock = threading.Lock()
 _counts: dict[str, int] = {}
@@ -45,13 +47,23 @@ def counts() -> dict[str, int]:
 
 
 def _write() -> None:
-    path = os.environ.get(MARKER_ENV)
-    if not path:
+    folder = os.environ.get(MARKER_ENV)
+    if not folder:
         return
     with _lock:
         data = {"pid": os.getpid(), "counts": dict(_counts), **_facts}
-    # One file per process would be more exact; TP ranks all write the same counts, so last write wins.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"plugin-{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(data, f)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
+
+
+def read_all(folder: str) -> list[dict]:
+    """Every process snapshot in a marker folder (for tests and diagnostics)."""
+    out = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("plugin-") and name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                out.append(json.load(f))
+    return out

@@ -1,0 +1,133 @@
+"""M3's sparse-attention layers on our kernel library `msa_kernels` instead of SGLang's Triton MSA path.
+
+We replace `MiniMaxSparseAttnBackend.forward_extend` / `forward_decode` (the dense layers of the hybrid
+backend keep SGLang's own backend). Per sparse layer:
+    store K, V, index-K into the pool        (SGLang's own pool writer: it owns the pool's dtypes)
+    plan = the batch's plan                  (built once per ForwardBatch, reused by every sparse layer)
+    selected = msa_kernels.ops.index_topk(plan, idx_q, index_k_cache)
+    o = msa_kernels.ops.sparse_attention(plan, q, k_cache, v_cache, selected, scale)
+msa_kernels runs its Triton kernels on CUDA tensors and its PyTorch references elsewhere.
+
+An AFTER hook on the backend's __init__ checks, at start-up, that the checkpoint and server settings
+are ones msa_kernels serves (page 128 = MSA block, no init blocks, one local block, max scoring, K-only
+index layers, no HiSparse / fp8 attention GEMMs / shared top-k), so unsupported setups fail loudly
+instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import marker
+
+BACKEND = "sglang.srt.layers.attention.minimax_sparse_backend.MiniMaxSparseAttnBackend"
+INIT_TARGET = f"{BACKEND}.__init__"
+EXTEND_TARGET = f"{BACKEND}.forward_extend"
+DECODE_TARGET = f"{BACKEND}.forward_decode"
+
+_PLAN_ATTR = "_m3serve_plan"  # (forward_batch, plan) cached on the backend instance
+
+
+class UnsupportedSparseSetup(NotImplementedError):
+    """The checkpoint or server settings need a sparse-attention feature msa_kernels does not implement."""
+
+
+def _msa():
+    import msa_kernels
+    import msa_kernels.ops
+
+    return msa_kernels
+
+
+def check_backend(result, backend, *args, **kwargs) -> None:
+    """AFTER hook on MiniMaxSparseAttnBackend.__init__: refuse setups msa_kernels cannot serve."""
+    msa = _msa()
+    problems = []
+    if backend.page_size != msa.BLOCK_SIZE:
+        problems.append(f"page size is {backend.page_size}, expected {msa.BLOCK_SIZE} (pass --page-size 128)")
+    if backend.block_size_k != msa.BLOCK_SIZE:
+        problems.append(f"sparse_block_size is {backend.block_size_k}, expected {msa.BLOCK_SIZE}")
+    if backend.init_blocks != 0:
+        problems.append(f"sparse_init_block is {backend.init_blocks}, expected 0 (M3 forces no initial blocks)")
+    if backend.local_blocks != 1:
+        problems.append(f"sparse_local_block is {backend.local_blocks}, expected 1")
+    if backend.score_type != "max":
+        problems.append(f"sparse_score_type is {backend.score_type!r}, expected 'max'")
+    value_layers = sorted(set(backend.sparse_layer_ids) - set(backend.disable_value_layer_ids))
+    if value_layers:
+        problems.append(f"sparse layers {value_layers} keep an index-value branch; M3 disables it on every layer")
+    if backend.hisparse_coordinator is not None:
+        problems.append("HiSparse (--enable-hisparse) is not supported by m3serve's sparse path")
+    if backend.fp8_attn_gemm:
+        problems.append("fp8 attention GEMMs (SM100 mode) are not supported by m3serve's sparse path")
+    if backend.index_cache_enabled:
+        problems.append("shared top-k across layers (SGLANG_MINIMAX_M3_INDEX_TOPK_FREQ>1) is not supported")
+    if backend.is_npu:
+        problems.append("NPU is not supported by m3serve's sparse path")
+    if problems:
+        raise UnsupportedSparseSetup("m3serve M3 plugin cannot serve this model: " + "; ".join(problems))
+    marker.note("msa_kernels", msa.__file__)
+    marker.record("sparse_backend_init", f"M3 sparse layers -> msa_kernels ({msa.__file__})")
+
+
+def batch_plan(backend, forward_batch, num_pages: int):
+    """The msa_kernels plan of this forward batch, built on its first sparse layer and then reused."""
+    cached = getattr(backend, _PLAN_ATTR, None)
+    if cached is not None and cached[0] is forward_batch:
+        return cached[1]
+    msa = _msa()
+    seq_lens = [int(s) for s in forward_batch.seq_lens_cpu.tolist()]
+    if forward_batch.forward_mode.is_decode():
+        q_lens = [1] * len(seq_lens)
+    else:
+        q_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+    width = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE) * msa.BLOCK_SIZE
+    # Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size.
+    rows = backend.req_to_token[forward_batch.req_pool_indices.long()]
+    page_table = rows[:, :width : msa.BLOCK_SIZE] // msa.BLOCK_SIZE
+    plan = msa.plan(page_table, seq_lens, q_lens, num_pages=num_pages, topk=backend.topk_blocks)
+    setattr(backend, _PLAN_ATTR, (forward_batch, plan))
+    marker.record("plan_built")
+    return plan
+
+
+def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, phase: str):
+    from msa_kernels import ops
+
+    if save_kv_cache and not backend._is_sparse_kv_cached_by_fusion(forward_batch, layer.layer_id):
+        backend.kv_pool.set_fused_kv_index_buffer(
+            layer, forward_batch.out_cache_loc, k, v, idx_k, None,
+            layer.k_scale_float, layer.v_scale_float, layer.idx_k_scale_float, layer.idx_v_scale_float,
+        )
+    k_cache, v_cache = backend.kv_pool.get_kv_buffer(layer.layer_id)
+    idx_k_cache = backend.kv_pool.get_index_k_buffer(layer.layer_id)
+    plan = batch_plan(backend, forward_batch, num_pages=k_cache.shape[0] // _msa().BLOCK_SIZE)
+
+    total = q.shape[0]
+    n = plan.num_tokens  # data-parallel attention may pad q past the batch's real tokens
+    if idx_q.shape[1] != k_cache.shape[1]:
+        raise UnsupportedSparseSetup(
+            f"layer {layer.layer_id}: {idx_q.shape[1]} index heads per rank but {k_cache.shape[1]} KV heads; "
+            "msa_kernels needs one index head per KV group"
+        )
+    selected = ops.index_topk(plan, idx_q[:n], idx_k_cache)
+    o = ops.sparse_attention(
+        plan, q[:n], k_cache, v_cache, selected, layer.scaling, layer.k_scale_float, layer.v_scale_float
+    )
+    if n < total:
+        o = torch.cat([o, o.new_zeros(total - n, *o.shape[1:])], dim=0)
+    marker.record(f"sparse_{phase}", f"M3 sparse {phase} ran msa_kernels.ops.index_topk + sparse_attention")
+    return None, o.reshape(total, -1)
+
+
+def sparse_forward_extend(backend, q, k, v, layer, forward_batch, save_kv_cache=True, *, idx_q, idx_k, idx_v):
+    """REPLACE for MiniMaxSparseAttnBackend.forward_extend (prefill, chunked prefill, mixed batches)."""
+    return _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, "extend")
+
+
+def sparse_forward_decode(backend, q, k, v, layer, forward_batch, save_kv_cache=True, *, idx_q, idx_k, idx_v,
+                          **kwargs):
+    """REPLACE for MiniMaxSparseAttnBackend.forward_decode (one new token per request)."""
+    if kwargs:
+        raise UnsupportedSparseSetup(f"unexpected sparse decode arguments {sorted(kwargs)}")
+    return _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, "decode")
