@@ -72,13 +72,27 @@ class TokenizerCounter:
         self._tok = Tokenizer.from_file(str(p))
 
     def make_text(self, n_tokens: int, rng: random.Random) -> str:
+        if n_tokens == 0:
+            return ""
         words: list[str] = []
         ids: list[int] = []
-        # Grow until long enough, then cut to exactly n_tokens ids and decode.
-        while len(ids) < n_tokens:
-            words += random_words(max(16, n_tokens - len(ids)), rng)
+        # Grow past the target (slack for the cut below), then cut the ids and decode.
+        while len(ids) < n_tokens + 16:
+            words += random_words(max(16, n_tokens - len(ids) + 16), rng)
             ids = self._tok.encode(" ".join(words), add_special_tokens=False).ids
-        return self._tok.decode(ids[:n_tokens])
+        # Decoding a cut and encoding it again need not give the same count (a cut word may merge
+        # differently), so move the cut until the text re-encodes to n_tokens; keep the closest.
+        cut, best = n_tokens, ""
+        best_err = None
+        for _ in range(8):
+            text = self._tok.decode(ids[:cut])
+            err = self.count(text) - n_tokens
+            if best_err is None or abs(err) < abs(best_err):
+                best, best_err = text, err
+            if err == 0:
+                break
+            cut = max(1, min(len(ids), cut - err))
+        return best
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
