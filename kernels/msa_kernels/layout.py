@@ -57,7 +57,7 @@ def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor, num_pages
                 f"page table of request {b} has {page_table.shape[1]} pages but its sequence of "
                 f"{length} tokens needs {need}"
             )
-        used = pt[b, :need]
+        used = pt[b, :need].long()  # int64: an int32 compare with a huge num_pages would wrap
         bad = (used < 0) | (used >= num_pages)
         if bad.any():
             j = int(bad.nonzero()[0, 0])
@@ -71,3 +71,8 @@ def slots_for_positions(page_row: torch.Tensor, positions: torch.Tensor) -> torc
     """Slot ids of absolute `positions` of one request whose page table row is `page_row`."""
     positions = positions.long()
     return page_row.long()[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The references accumulate in float32 at least, and in float64 when given float64 (exact parity tests)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -24,6 +24,8 @@ def load_text_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     )
     text_config = full.config.text_config
     text_config._attn_implementation = attn_implementation
+    # The per-expert loop: exact in any dtype (the grouped-GEMM path has no float64 kernel).
+    text_config._experts_implementation = "eager"
     model = MiniMaxM3VLForCausalLM(text_config).to(dtype)
     state = {f"model.{k}": v for k, v in full.model.language_model.state_dict().items()}
     state["lm_head.weight"] = full.lm_head.weight

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import BLOCK_SIZE, MSAInputError, num_blocks
+from ..layout import BLOCK_SIZE, MSAInputError, accumulation_dtype, num_blocks
 
 _ROWS_PER_CHUNK = 128
 
@@ -35,7 +35,7 @@ def sparse_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [S, Hkv, D] of one sequence (positions 0..S-1); selected: [T, Hkv, topk];
-    q_pos: [T]. Returns [T, Hq, D] in q's dtype, accumulated in float32."""
+    q_pos: [T]. Returns [T, Hq, D] in q's dtype, accumulated in float32 (float64 for float64 inputs)."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise MSAInputError(f"q must be [T, Hq, D], k and v [S, Hkv, D]; got {tuple(q.shape)}, "
                             f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -53,8 +53,9 @@ def sparse_attention(
     local_blk = q_pos.to(selected.device).long() // BLOCK_SIZE
     if t_count and not (selected.long() == local_blk[:, None, None]).any(-1).all():
         raise MSAInputError("every query's selection must contain its local block")
-    kf = k.float()
-    vf = v.float()
+    acc = accumulation_dtype(q.dtype, k.dtype)
+    kf = k.to(acc)
+    vf = v.to(acc)
     key_pos = torch.arange(seq_len, device=k.device)
     out = torch.empty(t_count, hq, dim, dtype=q.dtype, device=q.device)
     for lo in range(0, t_count, _ROWS_PER_CHUNK):
@@ -62,7 +63,7 @@ def sparse_attention(
         keep_blk = block_keep_mask(selected[lo:hi], nblk)  # [t, G, nblk]
         keep = keep_blk.repeat_interleave(BLOCK_SIZE, dim=-1)[..., :seq_len]  # [t, G, S]
         keep = keep & (key_pos[None, None, :] <= q_pos[lo:hi, None, None].to(k.device))
-        qf = q[lo:hi].float().view(hi - lo, hkv, group, dim)
+        qf = q[lo:hi].to(acc).view(hi - lo, hkv, group, dim)
         logits = torch.einsum("tgnd,sgd->tgns", qf, kf) * scale
         logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)

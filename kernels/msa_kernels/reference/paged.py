@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import MSAInputError, check_cache, slots_for_positions
+from ..layout import MSAInputError, accumulation_dtype, check_cache, slots_for_positions
 from ..plan import MSAPlan
 from .attention import sparse_attention
 from .scoring import index_block_scores, select_blocks
 
 
 def dequantize(cache: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Cache values as float32; fp8 caches hold value / scale."""
-    out = cache.float()
+    """Cache values in the accumulation dtype (float32, float64 for float64 caches); fp8 holds value / scale."""
+    out = cache.to(accumulation_dtype(cache.dtype))
     return out if scale is None else out * scale
 
 

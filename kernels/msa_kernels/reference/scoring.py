@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import BLOCK_SIZE, TOPK_BLOCKS, MSAInputError, num_blocks
+from ..layout import BLOCK_SIZE, TOPK_BLOCKS, MSAInputError, accumulation_dtype, num_blocks
 
 _ROWS_PER_CHUNK = 256  # bounds the [rows, heads, keys] score matrix this reference materializes
 
@@ -23,7 +23,8 @@ def index_block_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, q_pos: torch.Te
     """Per-block maxima of the causal index scores.
 
     q_idx: [T, H, D] index queries; k_idx: [S, D] (or [S, 1, D]) index keys of one sequence at positions
-    0..S-1; q_pos: [T] absolute positions (each < S). Returns float32 [T, H, ceil(S / 128)], -inf for
+    0..S-1; q_pos: [T] absolute positions (each < S). Returns [T, H, ceil(S / 128)] in the accumulation
+    dtype (float32, or float64 for float64 inputs), -inf for
     blocks with no visible token.
     """
     if k_idx.dim() == 3:
@@ -42,12 +43,13 @@ def index_block_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, q_pos: torch.Te
         raise MSAInputError(f"query position {int(q_pos.max())} is beyond the {seq_len} index keys")
     nblk = num_blocks(seq_len)
     pad = nblk * BLOCK_SIZE - seq_len
-    k = k_idx.float()
+    acc = accumulation_dtype(q_idx.dtype, k_idx.dtype)
+    k = k_idx.to(acc)
     key_pos = torch.arange(seq_len, device=k.device)
-    out = torch.empty(q_idx.shape[0], q_idx.shape[1], nblk, dtype=torch.float32, device=k.device)
+    out = torch.empty(q_idx.shape[0], q_idx.shape[1], nblk, dtype=acc, device=k.device)
     for lo in range(0, q_idx.shape[0], _ROWS_PER_CHUNK):
         hi = min(lo + _ROWS_PER_CHUNK, q_idx.shape[0])
-        s = torch.einsum("thd,sd->ths", q_idx[lo:hi].float(), k)
+        s = torch.einsum("thd,sd->ths", q_idx[lo:hi].to(acc), k)
         future = key_pos[None, None, :] > q_pos[lo:hi, None, None].to(k.device)
         s = s.masked_fill(future, float("-inf"))
         if pad:
@@ -72,7 +74,7 @@ def select_blocks(block_scores: torch.Tensor, q_pos: torch.Tensor, topk: int = T
         raise MSAInputError(f"a query's local block {int(q_blk.max())} is beyond the {nblk} scored blocks")
     blk = torch.arange(nblk, device=device)
     historical = blk[None, :] < q_blk[:, None]  # [T, NB]
-    scores = block_scores.float()
+    scores = block_scores.to(accumulation_dtype(block_scores.dtype))
     if torch.isnan(scores.masked_fill(~historical[:, None, :], 0.0)).any():
         raise MSAInputError("block_scores contain NaN in visible blocks")
     ranked = scores.masked_fill(~historical[:, None, :], float("-inf"))
