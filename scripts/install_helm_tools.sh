@@ -57,10 +57,16 @@ if [ -x "$dest_bin/helm" ] && [ -x "$dest_bin/helm-unittest" ] && [ -x "$dest_bi
   step "helm, helm-unittest, kubeconform: up to date"
 else
   helm_version=$(cd "$gomod_dir" && "$GO" list -m -f '{{.Version}}' helm.sh/helm/v3)
-  step "building helm $helm_version, helm-unittest and kubeconform with $("$GO" env GOVERSION)" \
-       "(first build: ~3-6 min on 2 cores; later runs reuse $GOCACHE)"
-  (cd "$gomod_dir" && GOBIN="$dest_bin" "$GO" install \
-      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version" tool)
+  # The Kubernetes version helm assumes offline (template/lint/unittest capabilities, deprecation checks)
+  # is stamped at link time, as helm's own Makefile does; unstamped it would claim Kubernetes 1.20.
+  k8s_minor=$(cd "$gomod_dir" && "$GO" list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)
+  ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ldflags="$ldflags -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+  done
+  step "building helm $helm_version (Kubernetes 1.$k8s_minor), helm-unittest and kubeconform" \
+       "with $("$GO" env GOVERSION) (first build: ~3-6 min on 2 cores; later runs reuse $GOCACHE)"
+  (cd "$gomod_dir" && GOBIN="$dest_bin" "$GO" install -ldflags "$ldflags" tool)
   echo "$bin_stamp" > "$dest_bin/.helm-tools.stamp"
   step "built: $("$dest_bin/helm" version --short), kubeconform $("$dest_bin/kubeconform" -v)"
 fi
