@@ -1,0 +1,199 @@
+"""Host-side work list of the index top-k kernels, built once per forward batch (plan time).
+
+The scoring kernel walks *items*. An item is a set of query rows (row = token * H_idx + index head) that
+read the same index-K pages for one range of logical blocks [j0, j1) (a *chunk*); the kernel scores every
+block of the range against every row and keeps each row's best few blocks of that chunk. Only historical
+blocks (j < the row's local block) are scored: they lie wholly before the query, so no token-level causal
+mask is needed, and the local block is forced into the selection afterwards.
+
+- extend/prefill: rows are a run of consecutive tokens of one request (all its index heads), so one
+  K-block load feeds a [rows x 128] x [128 x 128] tensor-core product;
+- decode: rows are the index heads of one request; when several requests read the same pages for a chunk
+  (a shared prefix) their rows are packed into one item, so the page is read once per batch, not once
+  per request.
+
+Chunks split long histories so that there are enough items to fill the GPU; each chunk leaves candidates
+that a merge kernel reduces. When one chunk covers every row's history the scoring kernel finishes the
+selection itself (`final`).
+
+Every size here is fixed at plan time: the run step allocates nothing whose size depends on data and
+never syncs, so decode can run inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import BLOCK_SIZE, MSAInputError
+from ..plan import MSAPlan
+
+EXTEND_ROWS = 128  # rows (tokens x index heads) of one extend item: one tensor-core tile
+MAX_SHARED_ROWS = 64  # rows of one decode item: requests sharing a page are packed up to this many rows
+ITEMS_PER_SM = 2  # items wanted per SM before chunks are split further
+
+
+@dataclass
+class TopkWork:
+    items: torch.Tensor  # int32 [n_items, 6]: page-table row, j0, j1, row offset, row count, chunk id
+    rows: torch.Tensor  # int32 [n_rows_listed]: flat rows (token * H + head) of the items, item after item
+    n_items: torch.Tensor  # int32 [1]: read by the kernel, so the grid need not change with the data
+    n_items_host: int
+    block_m: int  # rows per item tile (power of two)
+    chunk_blocks: int  # blocks per chunk (CB); chunk c covers blocks [c*CB, (c+1)*CB)
+    n_chunks: int  # chunks of the longest history (C)
+    keep: int  # candidates kept per (row, chunk) (KS, power of two)
+    final: bool  # one chunk per row: the scoring kernel writes the selection itself
+    grid: int  # persistent programs of the scoring kernel
+    heads: int
+    cand_scores: torch.Tensor | None = None  # float32 [T*H, C, KS] per-chunk candidates (split runs only)
+    cand_ids: torch.Tensor | None = None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _row_tiles(plan: MSAPlan, heads: int, tokens_per_tile: int):
+    """Consecutive-token tiles of every request: (request, first flat row, row count, history blocks)."""
+    req, row0, nrow, hist = [], [], [], []
+    indptr = plan.qo_indptr.tolist()
+    for b, (seq, n) in enumerate(zip(plan.seq_lens_list, plan.q_lens_list)):
+        for t0 in range(0, n, tokens_per_tile):
+            t1 = min(n, t0 + tokens_per_tile)
+            req.append(b)
+            row0.append((indptr[b] + t0) * heads)
+            nrow.append((t1 - t0) * heads)
+            hist.append((seq - n + t1 - 1) // BLOCK_SIZE)  # local block of the tile's last token
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return as_t(req), as_t(row0), as_t(nrow), as_t(hist)
+
+
+def _split_chunks(req, row0, nrow, hist, chunk_blocks, final):
+    """One item per (tile, chunk) of the tile's history [0, hist); exactly one per tile when `final`."""
+    nch = torch.ones_like(hist) if final else (hist + chunk_blocks - 1) // chunk_blocks
+    tile = torch.repeat_interleave(torch.arange(len(req)), nch)
+    first = torch.cumsum(nch, 0) - nch
+    chunk = torch.arange(int(nch.sum())) - first[tile]
+    j0 = chunk * chunk_blocks
+    j1 = torch.minimum(j0 + chunk_blocks, hist[tile])
+    return req[tile], j0, j1, row0[tile], nrow[tile], chunk
+
+
+def _check_pages(page_table_cpu: torch.Tensor, req, j0, j1, num_pages: int) -> None:
+    if len(req) == 0 or int((j1 - j0).max()) == 0:
+        return
+    width = int((j1 - j0).max())
+    cols = j0[:, None] + torch.arange(width)[None, :]
+    used = cols < j1[:, None]
+    pages = page_table_cpu[req[:, None], cols.clamp(max=page_table_cpu.shape[1] - 1)]
+    bad = used & ((pages < 0) | (pages >= num_pages))
+    if bad.any():
+        i, k = (int(x) for x in bad.nonzero()[0])
+        raise MSAInputError(
+            f"page table of request {int(req[i])} maps block {int(cols[i, k])} to page {int(pages[i, k])}, "
+            f"outside the index-K pool's {num_pages} pages"
+        )
+
+
+def _pack_shared(page_table_cpu, req, j0, j1, row0, nrow, chunk, heads):
+    """Decode: merge items of different requests that read the same pages for the same chunk.
+
+    Returns items and their row list; each group of identical (j0, pages of [j0, j1)) becomes
+    ceil(members / requests-per-item) items whose rows are the members' rows back to back.
+    """
+    width = max(1, int((j1 - j0).max()))
+    cols = j0[:, None] + torch.arange(width)[None, :]
+    pages = page_table_cpu[req[:, None], cols.clamp(max=page_table_cpu.shape[1] - 1)].long()
+    pages = torch.where(cols < j1[:, None], pages, torch.full_like(pages, -1))
+    keys = torch.cat([j0[:, None], (j1 - j0)[:, None], pages], 1)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    order = torch.sort(group, stable=True).indices
+    group = group[order]
+    counts = torch.bincount(group)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(group)) - start[group]  # position of each member inside its group
+    per_item = max(1, MAX_SHARED_ROWS // heads)
+    items_of_group = (counts + per_item - 1) // per_item
+    item_base = torch.cumsum(items_of_group, 0) - items_of_group
+    item = item_base[group] + rank // per_item  # members of one item are contiguous in `order`
+    n_items = int(items_of_group.sum())
+    first = torch.zeros(n_items, dtype=torch.int64)
+    first.scatter_reduce_(0, item, torch.arange(len(item)), reduce="amin", include_self=False)
+    members = torch.bincount(item, minlength=n_items)
+    m_req, m_row0 = req[order], row0[order]
+    rows = (m_row0[:, None] + torch.arange(heads)[None, :]).reshape(-1)
+    f = order[first]
+    return (req[f], j0[f], j1[f], first * heads, members * heads, chunk[f]), rows, m_req
+
+
+def build_topk_work(
+    plan: MSAPlan, heads: int, num_pages: int, device: torch.device, sm_count: int,
+    target_items: int | None = None,
+) -> TopkWork:
+    """Build the work list for `heads` index heads. `target_items` (default ITEMS_PER_SM x SMs) is how
+    many items the split aims for; tests lower it to exercise the split and merge paths on small shapes."""
+    if heads < 1:
+        raise MSAInputError(f"q_idx must have at least one index head, got {heads}")
+    target = target_items if target_items is not None else ITEMS_PER_SM * sm_count
+    decode = plan.is_decode
+    tokens_per_tile = 1 if decode else max(1, EXTEND_ROWS // heads)
+    req, row0, nrow, hist = _row_tiles(plan, heads, tokens_per_tile)
+    max_hist = int(hist.max()) if len(hist) else 0
+    pt_cpu = plan.page_table.cpu()
+
+    live = hist > 0
+    if decode and bool(live.any()):
+        # Work counted in unique pages: a page shared by many requests is read once.
+        cols = torch.arange(max_hist)[None, :]
+        used = cols < hist[live, None]
+        pages = pt_cpu[req[live, None], cols.clamp(max=pt_cpu.shape[1] - 1)].long()
+        work = int(torch.unique(pages[used]).numel())
+    else:
+        work = int(hist.sum())
+    if (not decode and len(req) >= target) or max_hist == 0:
+        chunk_blocks = max(1, max_hist)
+    else:
+        chunk_blocks = min(max(1, -(-work // target)), max_hist)
+    n_chunks = -(-max_hist // chunk_blocks) if max_hist else 0
+    final = n_chunks <= 1
+    if not final:
+        # Tiles with no historical block need no item: the merge gives them their local block alone.
+        req, row0, nrow, hist = req[live], row0[live], nrow[live], hist[live]
+    # In a final run every tile gets an item (possibly empty: j0 = j1 = 0) because the item writes the output.
+    items_req, j0, j1, irow0, inrow, chunk = _split_chunks(req, row0, nrow, hist, chunk_blocks, final)
+    _check_pages(pt_cpu, items_req, j0, j1, num_pages)
+
+    total_rows = plan.num_tokens * heads
+    if decode and len(items_req):
+        (items_req, j0, j1, irow0, inrow, chunk), rows, _ = _pack_shared(
+            pt_cpu, items_req, j0, j1, irow0, inrow, chunk, heads
+        )
+    else:
+        rows = torch.arange(total_rows, dtype=torch.int64)
+    # Longest items first: the persistent programs then finish close together.
+    order = torch.sort(j1 - j0, descending=True, stable=True).indices
+    items = torch.stack([items_req, j0, j1, irow0, inrow, chunk], 1)[order]
+    n_items = items.shape[0]
+    block_m = _pow2(int(inrow.max())) if n_items else 1
+    if not decode:
+        block_m = max(block_m, 16)  # extend tiles always take the tensor-core path
+    keep = min(_pow2(max(1, plan.topk - 1)), _pow2(chunk_blocks))
+    work_list = TopkWork(
+        items=items.to(torch.int32).contiguous().to(device),
+        rows=rows.to(torch.int32).to(device) if len(rows) else torch.zeros(1, dtype=torch.int32, device=device),
+        n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
+        n_items_host=n_items,
+        block_m=block_m,
+        chunk_blocks=chunk_blocks,
+        n_chunks=n_chunks,
+        keep=keep,
+        final=final,
+        grid=max(1, min(n_items, 4 * sm_count)),
+        heads=heads,
+    )
+    if not final:
+        work_list.cand_scores = torch.empty(total_rows, n_chunks, keep, dtype=torch.float32, device=device)
+        work_list.cand_ids = torch.empty(total_rows, n_chunks, keep, dtype=torch.int32, device=device)
+    return work_list

@@ -1,0 +1,87 @@
+"""Index scoring + block top-k on Triton: `index_topk(plan, q_idx, index_k_cache) -> int32 [T, H_idx, topk]`.
+
+Same semantics as `msa_kernels.reference.index_topk`: per query token and index head, the max over each
+historical 128-token block of q_idx . k_idx, the best topk-1 of those blocks plus the local block (all
+blocks when at most topk are visible), as ascending block ids padded with -1.
+
+Plan/run split: `prepare_index_topk(plan, heads, num_pages)` builds the work list once per batch (host
+work, one page-table copy) and stores it in `plan.extras`; it runs on the first call if the caller did not
+run it. Inside a CUDA graph call it before capture: the run step itself only launches kernels (a scoring
+kernel, plus a merge kernel when histories are split into chunks) and allocates only the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import BLOCK_SIZE, MSAInputError, check_cache
+from ..plan import MSAPlan
+from ._topk_kernels import launch_merge, launch_score
+from ._topk_worklist import TopkWork, build_topk_work
+
+_EXTRAS_KEY = "triton_index_topk"
+_INDEX_K_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # CPU (the Triton interpreter in tests): a few "SMs" so that histories get split
+
+
+def prepare_index_topk(
+    plan: MSAPlan, heads: int, num_pages: int, device: torch.device | None = None,
+    target_items: int | None = None,
+) -> TopkWork:
+    """Build (or fetch) the work list of this batch for `heads` index heads over a pool of `num_pages`."""
+    device = plan.page_table.device if device is None else device
+    cache = plan.extras.setdefault(_EXTRAS_KEY, {})
+    key = (heads, num_pages, str(device))  # the first call decides target_items
+    if key not in cache:
+        cache[key] = build_topk_work(plan, heads, num_pages, device, _sm_count(device), target_items)
+    return cache[key]
+
+
+def _check(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> None:
+    check_cache("index_k_cache", index_k_cache, heads=1)
+    if index_k_cache.dtype not in _INDEX_K_DTYPES:
+        raise MSAInputError(f"index_k_cache dtype must be one of {_INDEX_K_DTYPES}, got {index_k_cache.dtype}")
+    if q_idx.dim() != 3:
+        raise MSAInputError(f"q_idx must be [T, H_idx, D], got shape {tuple(q_idx.shape)}")
+    if q_idx.shape[0] != plan.num_tokens:
+        raise MSAInputError(f"q_idx has {q_idx.shape[0]} tokens, the plan {plan.num_tokens}")
+    dim = q_idx.shape[2]
+    if dim != index_k_cache.shape[2]:
+        raise MSAInputError(f"q_idx head dim {dim} differs from index_k_cache's {index_k_cache.shape[2]}")
+    if dim < 16 or dim & (dim - 1):
+        raise MSAInputError(f"index head dim must be a power of two >= 16, got {dim}")
+    if q_idx.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise MSAInputError(f"q_idx must be bf16, fp16 or fp32, got {q_idx.dtype}")
+    if q_idx.stride(2) != 1 or index_k_cache.stride(2) != 1:
+        raise MSAInputError("q_idx and index_k_cache must be contiguous in their last (head dim) axis")
+    if q_idx.device != index_k_cache.device or q_idx.device != plan.page_table.device:
+        raise MSAInputError(
+            f"q_idx ({q_idx.device}), index_k_cache ({index_k_cache.device}) and the plan "
+            f"({plan.page_table.device}) must be on one device"
+        )
+    if not 1 <= plan.topk <= 64:
+        raise MSAInputError(f"topk must be in [1, 64], got {plan.topk}")
+
+
+def index_topk(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> torch.Tensor:
+    """Selections for every new token of the batch: int32 [T, H_idx, topk], ascending, -1 padded."""
+    _check(plan, q_idx, index_k_cache)
+    heads = q_idx.shape[1]
+    work = prepare_index_topk(plan, heads, index_k_cache.shape[0] // BLOCK_SIZE, q_idx.device)
+    out = torch.empty(q_idx.shape[0], heads, plan.topk, dtype=torch.int32, device=q_idx.device)
+    if q_idx.shape[0] == 0:
+        return out
+    if work.block_m >= 16:
+        sub, warps, stages = 128, (8 if work.block_m >= 128 else 4), 3
+    else:
+        sub = max(1, min(128, 16384 // (work.block_m * q_idx.shape[2])))
+        warps, stages = 8, 2
+    launch_score(work, plan, q_idx, index_k_cache, out, sub, warps, stages)
+    if not work.final:
+        launch_merge(work, plan, out)
+    return out
