@@ -142,6 +142,9 @@ needs the tokenizer and the template).
     {{- end }}
   {{- end }}
   env:
+    # Caches go to the /tmp scratch volume (the gateway runs with a read-only root filesystem).
+    - name: HOME
+      value: /tmp
     - name: HF_HOME
       value: /tmp/hf-home
     {{- if and (eq $m.source "download") $m.download.hfTokenSecret.name }}
