@@ -130,6 +130,12 @@ def build_config(sizes: TinySizes, token_ids: dict[str, int], vocab_size: int) -
         "spatial_merge_size": 2,
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
+        # Fields SGLang's M3 vision tower requires (sglang/srt/models/minimax_vl_common.py CLIPVisionConfig).
+        "img_token_compression_config": {"temporal_patch_size": 2, "spatial_merge_size": 2},
+        "position_embedding_type": "rope",
+        "rope_mode": "3d",
+        "rope_theta": 10000.0,
+        "vision_segment_max_frames": 4,
     }
     return {
         "architectures": ["MiniMaxM3SparseForConditionalGeneration"],
