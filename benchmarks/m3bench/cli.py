@@ -3,6 +3,8 @@
 Defaults are the agentic-60k-c8 shape (research/perf_anchors.md section 4.1): a 60,000-token shared
 prefix, 8 concurrent sessions of 8 turns, 1,024-token tasks, 1,536-token tool results, 256 output tokens.
 
+`m3serve bench compare A.json B.json ...` puts several runs (arms) side by side.
+
 Exit status: 0 when every request succeeded, 1 when some failed (results are still written),
 2 for bad arguments or a server that cannot be measured at all.
 """
@@ -167,6 +169,10 @@ async def _run(args: argparse.Namespace, spec: WorkloadSpec, argv: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from m3bench.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     spec = _check_args(parser, args)

@@ -207,3 +207,26 @@ def test_cli_server_down_exits_2(capsys):
         port = sock.getsockname()[1]
     assert main(["--base-url", f"http://127.0.0.1:{port}/v1", "--no-progress"]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+def test_compare_two_arms(fake_server, tmp_path, capsys):
+    fast, slow = fake_server(), fake_server(token_delay=0.02)
+    for name, srv in (("fast", fast), ("slow", slow)):
+        assert main(["--base-url", srv.base_url, *SMALL, "--concurrency", "1,2",
+                     "--output", str(tmp_path / f"{name}.json")]) == 0
+    capsys.readouterr()
+    md = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "fast.json"), str(tmp_path / "slow.json"), "--baseline", "slow",
+                 "--markdown", str(md), "--plot-dir", str(tmp_path)]) == 0
+    rows = [line.split(" | ") for line in md.read_text().splitlines()[2:]]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [("fast", "1"), ("fast", "2"), ("slow", "1"), ("slow", "2")]
+    ratios = [float(r[-1].strip(" |x")) for r in rows]
+    assert ratios[2:] == [1.0, 1.0] and all(x > 1.5 for x in ratios[:2])  # no delay beats 20 ms per token
+    assert (tmp_path / "compare_sweep.png").exists()
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "fast.json"), "--baseline", "nope"])
+    assert "--baseline 'nope' is not one of the arms" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "bad.json")])
+    assert "not an m3bench result" in capsys.readouterr().err
