@@ -162,7 +162,13 @@ async def _run(args: argparse.Namespace, spec: WorkloadSpec, argv: list[str]) ->
         from m3bench.plots import plot_sweep
 
         prefix = Path(args.output).stem + "_" if args.output else ""
-        for path in plot_sweep(points, plot_dir, title=f"{model}, prefix {spec.prefix_tokens}", prefix=prefix):
+        try:
+            paths = plot_sweep(points, plot_dir, title=f"{model}, prefix {spec.prefix_tokens}", prefix=prefix)
+        except ImportError:  # after a long run, do not lose the numbers over a missing plotting library
+            print("plots skipped: matplotlib is not installed (plot later with "
+                  "`m3serve bench compare RESULT.json --plot-dir DIR`)", file=sys.stderr)
+            paths = []
+        for path in paths:
             print(f"plot: {path}")
     return 1 if any(p["summary"]["failed"] for p in points) else 0
 

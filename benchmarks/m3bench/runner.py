@@ -35,8 +35,10 @@ class _Progress:
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # a bare GPU image may lack it: measure anyway, without the bar
+                return
             self._bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1, failed: int = 0) -> None:
