@@ -375,9 +375,11 @@ def time_eager(fn: Callable[[], Any], device: str, reps: int = 5, warmup: int = 
             "first_call_s": first_s, "timing": "eager, CUDA events" if device.startswith("cuda") else "eager, host"}
 
 
-def time_graph(fns: list[Callable[[], Any]], device: str, replays: int = 15, min_calls: int = 16) -> dict:
+def time_graph(fns: list[Callable[[], Any]], device: str, replays: int = 15, min_calls: int = 16,
+               target_us: float = 3000.0, max_total_s: float = 3.0) -> dict:
     """Median per-call time (us) of CUDA-graph replays. `fns` holds one call per rotated input set; the graph
-    runs them in turn until it holds at least `min_calls` calls."""
+    runs them in turn, at least once each, and up to `min_calls` calls while one replay stays near
+    `target_us` (slow variants get fewer calls per graph and fewer replays, never under 5)."""
     if not device.startswith("cuda"):
         r = time_eager(lambda: [f() for f in fns], device, reps=3)
         return {**r, "us": r["us"] / len(fns), "timing": "eager, host (no CUDA)"}
@@ -389,11 +391,16 @@ def time_graph(fns: list[Callable[[], Any]], device: str, replays: int = 15, min
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
         for f in fns:
             f()
+        e1.record()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    rounds = max(1, math.ceil(min_calls / len(fns)))
+    est_us = max(1.0, e0.elapsed_time(e1) * 1e3 / len(fns))  # eager estimate (host-bound for small calls)
+    want_calls = max(len(fns), min(min_calls, int(target_us / est_us)))
+    rounds = max(1, math.ceil(want_calls / len(fns)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(rounds):
@@ -402,7 +409,8 @@ def time_graph(fns: list[Callable[[], Any]], device: str, replays: int = 15, min
     calls = rounds * len(fns)
     graph.replay()
     torch.cuda.synchronize()
-    samples = []
+    samples: list[float] = []
+    start = time.perf_counter()
     for _ in range(replays):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
@@ -410,6 +418,8 @@ def time_graph(fns: list[Callable[[], Any]], device: str, replays: int = 15, min
         e1.record()
         e1.synchronize()
         samples.append(e0.elapsed_time(e1) * 1e3 / calls)
+        if len(samples) >= 5 and time.perf_counter() - start > max_total_s:
+            break
     del graph
     return {"us": statistics.median(samples), "samples": len(samples), "spread_us": max(samples) - min(samples),
             "first_call_s": first_s, "calls_per_graph": calls, "sets": len(fns), "timing": "CUDA graph replay"}
@@ -802,6 +812,8 @@ class Bench:
                 [lambda x=x: up.decode_attn(x, up.decode_index(x, n)) for x in inps], self.device), **meta)
             self._check_selection("decode", case.name, "upstream", lambda: up.decode_index(inps[0], n).permute(1, 0, 2),
                                   inps[0], ref_sel[0])
+            self._check_attention("decode", case.name, "upstream", lambda: up.decode_attn(inps[0], up_sel[0]), inps[0],
+                                  ref_sel[0], rows=4)
         elif up is not None:
             self.record("decode", case.name, "upstream layer", lambda: _fail(RuntimeError(up.error)))
         self._ours_decode(case.name, inps, ref_sel, meta)
@@ -1148,6 +1160,10 @@ class Bench:
             work += [("extend", c) for c in extend_cases(self.grid)]
         if "prefill" in only:
             work += [("prefill", c) for c in prefill_cases(self.grid)]
+        if self.args.match:
+            import re
+
+            work = [(sec, c) for sec, c in work if re.search(self.args.match, c.name)]
         for section, c in work:
             if self.over_budget(c.name):
                 continue
@@ -1243,6 +1259,9 @@ def markdown(env: dict, bench: Bench, summary: list[dict]) -> str:
     lines = [f"# MSA kernel benchmark: {env.get('card')}", "",
              f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
              f"- card: {env.get('nvidia_smi', env.get('card'))}",
+             f"- included: grid {bench.grid}, sections {bench.args.only or 'all'}"
+             + (f", cases matching `{bench.args.match}`" if bench.args.match else "")
+             + f"; wall time {env.get('wall_s')} s",
              f"- versions: python {env['python']}, torch {env['torch']}, triton {env.get('triton')}, "
              f"CUDA runtime {env.get('cuda_runtime')}, nvcc: {env.get('nvcc')}",
              f"- ceilings (this run): copy {c['copy_bytes_s'] / 1e12:.2f} TB/s, bf16 matmul "
@@ -1355,6 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--triton-topk", action="store_true", help="upstream decode uses its Triton top-k, not radix")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results" / "tmp")))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--match", default="", help="only cases whose name matches this regular expression")
     ap.add_argument("--budget-s", type=float, default=0, help="skip cases that would start after this many seconds")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
