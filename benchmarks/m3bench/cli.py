@@ -101,9 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> WorkloadSpec:
-    for name in ("num_sessions",):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_sessions is not None and args.num_sessions < 1:
+        p.error("--num-sessions must be >= 1")
     for name in ("warmup_requests", "think_time"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
