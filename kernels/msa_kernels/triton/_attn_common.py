@@ -1,0 +1,131 @@
+"""Pieces shared by the sparse decode and extend attention kernels: input checks and the partial merge.
+
+Softmax runs in the base-2 domain: scores are multiplied by scale * log2(e) once, so every exponential is an
+`exp2` and every log-sum-exp below is a log2-sum-exp (`lse2`). Partial results are stored normalized
+(o / l) beside their lse2, so merging k partials is  o = sum_i 2^(lse2_i - M) o_i / sum_i 2^(lse2_i - M).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BLOCK_SIZE, MSAInputError, check_cache
+from ..plan import MSAPlan
+
+LOG2E = 1.4426950408889634
+# A finite "minus infinity" for running maxima: exp2(-inf - NEG_BIG) is 0, and exp2(NEG_BIG - NEG_BIG) is 1,
+# so rows that have seen no visible key yet never produce inf - inf = NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+_Q_DTYPES = (torch.float16, torch.bfloat16)
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn",) if hasattr(torch, n))
+
+
+def check_attention_inputs(
+    plan: MSAPlan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    selected: torch.Tensor,
+    k_scale: float | None,
+    v_scale: float | None,
+) -> tuple[int, int, int]:
+    """Validate the run-step inputs; returns (Hq, Hkv, D). Cheap: shapes and dtypes only, no device syncs."""
+    check_cache("k_cache", k_cache)
+    check_cache("v_cache", v_cache, heads=k_cache.shape[1], dim=k_cache.shape[2])
+    if q.dim() != 3:
+        raise MSAInputError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
+    t_count, hq, dim = q.shape
+    hkv = k_cache.shape[1]
+    if t_count != plan.num_tokens:
+        raise MSAInputError(f"q has {t_count} tokens, the plan {plan.num_tokens}")
+    if dim != k_cache.shape[2]:
+        raise MSAInputError(f"q head dim {dim} differs from the cache's {k_cache.shape[2]}")
+    if dim < 16 or dim & (dim - 1):
+        raise MSAInputError(f"head dim must be a power of two >= 16, got {dim}")
+    if hq % hkv:
+        raise MSAInputError(f"{hq} query heads do not split into {hkv} KV groups")
+    if q.dtype not in _Q_DTYPES:
+        raise MSAInputError(f"q must be float16 or bfloat16, got {q.dtype}")
+    if k_cache.dtype != v_cache.dtype:
+        raise MSAInputError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share a dtype")
+    if k_cache.dtype in _FP8_DTYPES:
+        if k_scale is None or v_scale is None:
+            raise MSAInputError("fp8 K/V caches need k_scale and v_scale")
+    elif k_cache.dtype != q.dtype:
+        raise MSAInputError(f"cache dtype {k_cache.dtype} must be q's dtype {q.dtype} or float8_e4m3fn")
+    if selected.dim() != 3 or selected.shape[0] != t_count or selected.shape[1] != hkv:
+        raise MSAInputError(f"selected must be [T={t_count}, Hkv={hkv}, topk], got {tuple(selected.shape)}")
+    if selected.dtype != torch.int32:
+        raise MSAInputError(f"selected must be int32, got {selected.dtype}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("selected", selected)):
+        if t.device != q.device:
+            raise MSAInputError(f"{name} is on {t.device}, q on {q.device}")
+        if t.stride(-1) != 1:
+            raise MSAInputError(f"{name} must be contiguous in its last dimension")
+    if plan.page_table.device != q.device:
+        raise MSAInputError(f"the plan lives on {plan.page_table.device}, q on {q.device}")
+    return hq, hkv, dim
+
+
+def score_scale(scale: float | None, dim: int, k_scale: float | None, is_fp8: bool) -> float:
+    """Multiplier from q.k to the base-2 softmax exponent; an fp8 cache's k_scale folds in here."""
+    s = dim**-0.5 if scale is None else float(scale)
+    if is_fp8:
+        s *= float(k_scale)
+    return s * LOG2E
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype in _FP8_DTYPES
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+assert BLOCK_SIZE == 128 and math.isclose(LOG2E, 1 / math.log(2))
+
+
+@triton.jit
+def merge_partials(
+    part_o,  # fp32 [.., NSPLIT, GPAD, D] normalized partial outputs of one (request, kv head)
+    part_lse,  # fp32 [.., NSPLIT, GPAD] their log2-sum-exp
+    out_ptr,  # first output row of the group: out[t, kvh * G]
+    stride_oh,
+    NSPLIT: tl.constexpr,
+    G: tl.constexpr,
+    GPAD: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Merge NSPLIT partials of GPAD rows by log-sum-exp and write the G real rows to out."""
+    rows = tl.arange(0, GPAD)
+    cols = tl.arange(0, D)
+    m = tl.full([GPAD], NEG_BIG, tl.float32)
+    l_sum = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, D], tl.float32)
+    for s in range(NSPLIT):
+        # .cg: read through L2, never a stale L1 line (the partials were written by other CTAs).
+        lse = tl.load(part_lse + s * GPAD + rows, cache_modifier=".cg")
+        o = tl.load(part_o + (s * GPAD + rows[:, None]) * D + cols[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
+    res = acc / l_sum[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_oh + cols[None, :],
+        res.to(out_ptr.dtype.element_ty),
+        mask=(rows < G)[:, None],
+    )
+

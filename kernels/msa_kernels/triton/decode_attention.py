@@ -1,0 +1,207 @@
+"""Paged block-sparse decode attention (one new token per request), split-K over the selected pages.
+
+Work split. For request b and KV head g the token's <= 16 selected blocks (128 tokens each, one page each)
+are cut into units of CHUNK tokens and dealt to NSPLIT programs, so that even batch 1 with one KV head puts
+16-32 programs on the chip instead of one. Each program packs the G query heads of its KV group into one MMA
+tile (M = G padded to 16; every K/V byte it loads serves all G heads), runs an online softmax over its units
+and writes a normalized partial (o, log2-sum-exp). The merge happens in the same launch: every program takes
+a ticket from a per-(request, KV head) counter after writing its partial; the program that draws the last
+ticket merges the NSPLIT partials by log-sum-exp, writes the output and resets the counter to zero for the
+next call. There is no host sync and no allocation that depends on data, so the call captures into a CUDA
+graph (the counters and partial buffers are cached per (device, batch, heads, split) and reused).
+
+Bytes: the kernel reads each selected page's K and V once (4 MiB per request at M3's full 4 KV heads and 16
+blocks of bf16) plus the partials (NSPLIT x G x 128 x 4 B per request and KV head, under 1% of that at
+B >= 8), so large batches run at the bytes bound; batch 1 is latency-bound and is what the split is for.
+
+fp8 (e4m3) caches hold value / scale: K and V are widened to q's dtype on load, k_scale folds into the score
+multiplier and v_scale into the output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BLOCK_SIZE, MSAInputError
+from ..plan import MSAPlan
+from ._attn_common import (
+    NEG_BIG,
+    cdiv,
+    check_attention_inputs,
+    is_fp8,
+    merge_partials,
+    next_pow2,
+    score_scale,
+)
+
+_TARGET_PROGRAMS = 264  # two programs per SM on a 132-SM H100: enough loads in flight to cover latency
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
+    stride_ot, stride_oh,
+    qk_scale, v_scale,
+    HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    seq_len = tl.load(seq_ptr + b)
+    rows = tl.arange(0, GPAD)
+    cols = tl.arange(0, D)
+    n = tl.arange(0, CHUNK)
+    q = tl.load(
+        q_ptr + b * stride_qt + (kvh * G + rows)[:, None] * stride_qh + cols[None, :],
+        mask=(rows < G)[:, None],
+        other=0.0,
+    )
+    UPB: tl.constexpr = BLOCK // CHUNK  # units per block
+    UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
+    m_i = tl.full([GPAD], NEG_BIG, tl.float32)
+    l_i = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, D], tl.float32)
+    sel_row = sel_ptr + b * stride_st + kvh * stride_sh
+    for u in range(split * UPP, split * UPP + UPP):
+        j = u // UPB
+        sub = u % UPB
+        blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
+        page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
+        tok = sub * CHUNK + n
+        valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
+        slot = page * BLOCK + tok
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc * (v_scale / l_safe)[:, None]
+    if NSPLIT == 1:
+        tl.store(out_ptr + b * stride_ot + (kvh * G + rows)[:, None] * stride_oh + cols[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(rows < G)[:, None])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        part = (pid_bh * NSPLIT + split) * GPAD + rows
+        tl.store(part_o_ptr + part[:, None] * D + cols[None, :], o)
+        tl.store(part_lse_ptr + part, lse)
+        if FUSED_MERGE:
+            # Every thread's partial stores happen before the barrier; the gpu-scope acq_rel ticket then
+            # publishes them to (and, for the last program, acquires everyone else's) before the merge.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == NSPLIT - 1:
+                merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
+                               out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
+                tl.atomic_xchg(ticket_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+    HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
+                   out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
+
+
+def decode_config(pairs: int, topk: int) -> tuple[int, int]:
+    """(CHUNK tokens per unit, NSPLIT programs per (request, KV head)) for `pairs` (request, KV head) pairs.
+
+    Few pairs (small batch, one KV head per GPU under tensor parallelism): half-page units and up to 16
+    programs per pair fill the chip; many pairs: whole pages and just enough splits for ~2 programs per SM,
+    which keeps the merge traffic negligible. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
+    """
+    chunk = 64 if pairs * topk < _TARGET_PROGRAMS // 2 else BLOCK_SIZE
+    units = topk * (BLOCK_SIZE // chunk)
+    nsplit = 1
+    while nsplit < min(units, 16) and pairs * nsplit < _TARGET_PROGRAMS:
+        nsplit *= 2
+    chunk = int(os.environ.get("MSA_DECODE_CHUNK", chunk))
+    nsplit = int(os.environ.get("MSA_DECODE_NSPLIT", nsplit))
+    return chunk, nsplit
+
+
+def _work_buffers(plan: MSAPlan, device: torch.device, pairs: int, nsplit: int, gpad: int, dim: int):
+    """Partials and tickets, allocated once per plan and shape: reuse keeps the call CUDA-graph capturable
+    and the tickets' zero state is restored by the kernel itself."""
+    key = ("decode_attention", str(device), pairs, nsplit, gpad, dim)
+    bufs = plan.extras.get(key)
+    if bufs is None:
+        bufs = (
+            torch.empty(pairs * nsplit * gpad * dim, dtype=torch.float32, device=device),
+            torch.empty(pairs * nsplit * gpad, dtype=torch.float32, device=device),
+            torch.zeros(pairs, dtype=torch.int32, device=device),
+        )
+        plan.extras[key] = bufs
+    return bufs
+
+
+def sparse_attention(
+    plan: MSAPlan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    selected: torch.Tensor,
+    scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    fused_merge: bool | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] (one token per request), selected [B, Hkv, topk] -> [B, Hq, D].
+
+    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one."""
+    if not plan.is_decode:
+        raise MSAInputError("decode attention needs one new token per request (plan.q_lens all 1)")
+    hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
+    group = hq // hkv
+    if group > 64:
+        raise MSAInputError(f"a KV group of {group} query heads exceeds the decode tile (64 rows)")
+    batch = q.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise MSAInputError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if batch == 0:
+        return out
+    fp8 = is_fp8(k_cache)
+    topk = selected.shape[2]
+    gpad = max(16, next_pow2(group))
+    pairs = batch * hkv
+    chunk, nsplit = decode_config(pairs, topk)
+    if chunk not in (16, 32, 64, 128) or nsplit < 1 or cdiv(topk * (BLOCK_SIZE // chunk), nsplit) < 1:
+        raise MSAInputError(f"bad decode split: chunk {chunk}, nsplit {nsplit}")
+    if fused_merge is None:
+        fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
+    part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
+    _decode_kernel[(pairs, nsplit)](
+        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
+        score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
+        HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
+        FUSED_MERGE=fused_merge, num_warps=4, num_stages=3,
+    )
+    if nsplit > 1 and not fused_merge:
+        _merge_kernel[(pairs,)](part_o, part_lse, out, out.stride(0), out.stride(1),
+                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, num_warps=4)
+    return out

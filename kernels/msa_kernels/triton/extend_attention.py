@@ -1,0 +1,268 @@
+"""Block-sparse extend/prefill attention that loads each selected K/V block once per tile of queries.
+
+Why this shape (numbers for M3 on one H100: 2,048 new tokens, 16 blocks x 128 keys, D = 128):
+- Per (query, KV head) the useful work is 16 blocks x 128 keys x 16 heads x 4 x 128 = 16.8 MFLOP over 1 MiB
+  of bf16 K/V: 16 FLOP/B if every query reloads its blocks (upstream's query-major kernel), which pins it
+  to L2 bandwidth (~5.5 TB/s x 16 = ~88 TFLOP/s, what upstream measures). Reaching 400 TFLOP/s needs each
+  K/V tile reused by >= 8 queries' rows while it sits in shared memory.
+- The literal KV-block-major form (a program per block, gathering every query that picked it) gets that
+  reuse for any selection, but each (query, head, block) then leaves a partial (o, lse) that a second pass
+  merges: 16 partials x 64 heads x 128 x 2 B = 256 KiB per query even in bf16, i.e. 1 GiB of HBM traffic
+  (write + read) at T = 2,048, ~0.35 ms at 3 TB/s: already more than the 0.34 ms that 400 TFLOP/s allows
+  for the whole 137 GFLOP.
+- So the merge must stay on chip. This kernel tiles QG consecutive queries of one request with the G heads
+  of one KV group (M = QG x G = 128 rows: 8 queries x 16 heads at TP4 / full model, 16 x 8 at TP8) and walks
+  the *union* of their selected blocks in one online softmax; a row whose query did not pick the current
+  block is masked (a per-block bitmask of the tile's queries). Every K/V tile loaded feeds 128 rows and no
+  partial ever leaves the SM.
+- Cost: useful fraction = sum of the tile's per-query selections / (QG x |union|). Consecutive queries share
+  their local block (and, in real selections, recent and "hot" blocks), so with high overlap |union| is
+  close to 16 and the tile runs near dense-FA speed. With random selections (little overlap) |union| grows
+  toward QG x 15 + 1 and the useful fraction toward 1/QG; that regime is bounded by the partial traffic
+  above for any KV-major design on H100 and is the known weak spot of this kernel (see the benchmark).
+
+Each program first builds its tile's union (deduplicated, compacted, fully visible blocks first) and the
+bitmask of which queries picked each block into a small scratch area, then runs two loops: blocks wholly
+before every query of the tile (no causal mask, unmasked loads), then the rest (token-level causal mask,
+loads masked at the sequence end so unwritten slots are never read). Work lists are per plan (tiles) and
+per call (the scratch), sized by the plan only: no host sync, CUDA-graph capturable.
+
+fp8 (e4m3) caches: K and V are widened to q's dtype on load; k_scale folds into the score multiplier and
+v_scale into the output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BLOCK_SIZE, MSAInputError
+from ..plan import MSAPlan
+from ._attn_common import NEG_BIG, cdiv, check_attention_inputs, is_fp8, next_pow2, score_scale
+from ._attn_kvmajor import kv_major_kernel, merge_kernel
+
+_ROWS = 128  # MMA rows per tile: queries x heads of one KV group
+# A tile whose union holds more blocks than this goes to the KV-major pass. Cost per tile in units of one
+# 128x128x128 QK+PV step: the union walk pays |union|; the KV-major pass pays ~QG*16/QB*1.2 ~ 20 steps of
+# MMA plus ~20 steps' worth of partial traffic (QG*16 partials of G x 128 x 2 B, written and read).
+UNION_MAX = 40
+_KEY_SHIFT = 20  # sort key = ((request * Hkv + kv head) << 20) | block: up to 2^20 blocks (134M tokens)
+_NOT_OURS = 1 << 62
+_CHUNK_TOKENS = 2048  # queries per KV-major pass: bounds the partials (2048 x Hq x 16 x 128 x 2 B)
+
+
+@triton.jit
+def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
+    s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    s = tl.where(s_mask, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
+    union_ptr, bits_ptr, wide_ptr, out_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
+    stride_ot, stride_oh,
+    qk_scale, v_scale, union_max,
+    HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = tl.load(tile_req_ptr + tile)
+    q0 = tl.load(tile_q0_ptr + tile)
+    qn = tl.load(tile_qn_ptr + tile)
+    seq_len = tl.load(seq_ptr + req)
+    page_row = page_ptr + req * stride_pb
+    sel_tile = sel_ptr + q0.to(tl.int64) * stride_st + kvh * stride_sh
+
+    # ---- The union of the tile's selections, and for each member the bitmask of queries that chose it.
+    e = tl.arange(0, E)
+    e_q = e // TOPK_P2
+    e_j = e % TOPK_P2
+    x = tl.load(sel_tile + e_q * stride_st + e_j, mask=(e_q < qn) & (e_j < TOPK), other=-1)
+    jj = tl.arange(0, TOPK_P2)
+    dup = e < 0
+    bits = tl.zeros([E], tl.int32)
+    for qq in tl.static_range(QG):
+        row = tl.load(sel_tile + qq * stride_st + jj, mask=(jj < TOPK) & (qq < qn), other=-2)
+        hit = tl.max((x[:, None] == row[None, :]).to(tl.int32), 1) > 0
+        dup = dup | (hit & (qq < e_q))
+        bits = bits | (hit.to(tl.int32) << qq)
+    keep = (x >= 0) & ~dup
+    min_local = tl.load(qpos_ptr + q0) // BLOCK  # blocks before it are wholly visible to every query here
+    full = keep & (x < min_local)
+    part = keep & ~full
+    n_full = tl.sum(full.to(tl.int32), 0)
+    n_all = tl.sum(keep.to(tl.int32), 0)
+    dest = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1, n_full + tl.cumsum(part.to(tl.int32), 0) - 1)
+    scratch = (tile * HKV + kvh) * E
+    tl.store(union_ptr + scratch + dest, x, mask=keep)
+    tl.store(bits_ptr + scratch + dest, bits, mask=keep)
+    tl.debug_barrier()  # the scratch written above by all threads is read back below by all threads
+    wide = n_all > union_max  # too little overlap: the KV-major pass serves this tile instead
+    tl.store(wide_ptr + tile * HKV + kvh, wide.to(tl.int32))
+    # a wide tile walks nothing and writes nothing here (zero trip counts keep the loops pipelinable)
+    n_full = tl.where(wide, 0, n_full)
+    n_all = tl.where(wide, 0, n_all)
+
+    # ---- The query tile: row r is query q0 + r // G, head kvh * G + r % G.
+    r = tl.arange(0, M)
+    r_q = r // G
+    row_ok = (r_q < qn) & (r < QG * G)
+    t = (q0 + r_q).to(tl.int64)
+    cols = tl.arange(0, D)
+    n = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + (kvh * G + r % G)[:, None] * stride_qh + cols[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(qpos_ptr + t, mask=row_ok, other=-1)
+    m_i = tl.full([M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    k_base = k_ptr + kvh * stride_kh + cols[None, :]
+    v_base = v_ptr + kvh * stride_vh + cols[None, :]
+    for i in range(0, n_full):
+        blk = tl.load(union_ptr + scratch + i)
+        chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
+        slot = tl.load(page_row + blk).to(tl.int64) * BLOCK + n
+        k = tl.load(k_base + slot[:, None] * stride_ks)
+        v = tl.load(v_base + slot[:, None] * stride_vs)
+        m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
+    for i in range(n_full, n_all):
+        blk = tl.load(union_ptr + scratch + i)
+        chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
+        slot = tl.load(page_row + blk).to(tl.int64) * BLOCK + n
+        key_pos = blk * BLOCK + n
+        in_seq = key_pos < seq_len
+        k = tl.load(k_base + slot[:, None] * stride_ks, mask=in_seq[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vs, mask=in_seq[:, None], other=0.0)
+        visible = chose[:, None] & (key_pos[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale)
+    o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
+    tl.store(out_ptr + t[:, None] * stride_ot + (kvh * G + r % G)[:, None] * stride_oh + cols[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=(row_ok & ~wide)[:, None])
+
+
+def queries_per_tile(group: int) -> int:
+    """Queries stacked in one 128-row tile (at most 16: the per-block query bitmask is an int32)."""
+    return max(1, min(16, _ROWS // group))
+
+
+def _tiles(plan: MSAPlan, qg: int, device: torch.device):
+    """(request, first query, query count) of every tile (QG consecutive queries of one request), and the
+    tile of every query token."""
+    key = ("extend_attention.tiles", qg, str(device))
+    got = plan.extras.get(key)
+    if got is None:
+        req, q0, qn, tile_of = [], [], [], []
+        start = 0
+        for b, n in enumerate(plan.q_lens_list):
+            for lo in range(0, n, qg):
+                tile_of += [len(req)] * min(qg, n - lo)
+                req.append(b)
+                q0.append(start + lo)
+                qn.append(min(qg, n - lo))
+            start += n
+        got = tuple(torch.tensor(a, dtype=torch.int32, device=device) for a in (req, q0, qn, tile_of))
+        plan.extras[key] = got
+    return got
+
+
+def sparse_attention(
+    plan: MSAPlan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    selected: torch.Tensor,
+    scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    union_max: int | None = None,
+) -> torch.Tensor:
+    """Extend/prefill attention: q [T, Hq, D] (the plan's new tokens), selected [T, Hkv, topk] -> [T, Hq, D].
+
+    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `union_max` sets
+    the union width above which a tile goes to the KV-major pass (default UNION_MAX, env
+    MSA_EXTEND_UNION_MAX; -1 sends every tile there, a huge value none)."""
+    hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise MSAInputError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if q.shape[0] == 0:
+        return out
+    group = hq // hkv
+    if group > _ROWS:
+        raise MSAInputError(f"a KV group of {group} query heads exceeds the {_ROWS}-row tile")
+    qg = queries_per_tile(group)
+    rows = max(16, next_pow2(qg * group))
+    topk = selected.shape[2]
+    topk_p2 = next_pow2(topk)
+    tile_req, tile_q0, tile_qn, tile_of = _tiles(plan, qg, q.device)
+    n_tiles = tile_req.shape[0]
+    entries = next_pow2(qg) * topk_p2
+    union = torch.empty(n_tiles * hkv * entries, dtype=torch.int32, device=q.device)
+    bits = torch.empty_like(union)
+    wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device)
+    if union_max is None:
+        union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX))
+    qk_scale = score_scale(scale, dim, k_scale, is_fp8(k_cache))
+    num_warps = int(os.environ.get("MSA_EXTEND_WARPS", 8 if rows >= 128 else 4))
+    num_stages = int(os.environ.get("MSA_EXTEND_STAGES", 2))
+    _extend_kernel[(n_tiles, hkv)](
+        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
+        union, bits, wide, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
+        qk_scale, float(v_scale) if is_fp8(k_cache) else 1.0, union_max,
+        HKV=hkv, G=group, QG=qg, M=rows, D=dim, TOPK=topk, TOPK_P2=topk_p2, E=entries, BLOCK=BLOCK_SIZE,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if union_max < qg * topk:  # some tile may be wide: run the KV-major pass (it skips narrow tiles' entries)
+        _kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale,
+                       float(v_scale) if is_fp8(k_cache) else 1.0, qg)
+    return out
+
+
+def _kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale, v_scale, qg) -> None:
+    """Sort the wide tiles' selection entries by (request, KV head, block), run the KV-major kernel over the
+    runs, merge per query. Chunked over queries so the partials stay bounded."""
+    t_count, hq, dim = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    topk = selected.shape[2]
+    heads = torch.arange(hkv, device=q.device, dtype=torch.int64)[None, :, None]
+    wide_tiles = wide.view(-1, hkv)
+    for lo in range(0, t_count, _CHUNK_TOKENS):
+        hi = min(t_count, lo + _CHUNK_TOKENS)
+        sel = selected[lo:hi].long()
+        ours = (sel >= 0) & (wide_tiles[tile_of[lo:hi].long()] != 0)[:, :, None]
+        key = ((plan.q_req[lo:hi].long()[:, None, None] * hkv + heads) << _KEY_SHIFT) | sel.clamp_min(0)
+        key = torch.where(ours, key, torch.full_like(key, _NOT_OURS)).flatten()
+        skey, perm = torch.sort(key)
+        n_entries = key.shape[0]
+        part_o = torch.empty(n_entries * group * dim, dtype=q.dtype, device=q.device)
+        part_lse = torch.empty(n_entries * group, dtype=torch.float32, device=q.device)
+        kv_major_kernel[(cdiv(n_entries, qg),)](
+            q, k_cache, v_cache, plan.page_table, plan.seq_lens, plan.q_pos, skey, perm, part_o, part_lse,
+            n_entries, lo, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+            v_cache.stride(1), plan.page_table.stride(0), qk_scale, v_scale,
+            HKV=hkv, G=group, QB=qg, M=max(16, next_pow2(qg * group)), D=dim, TOPK=topk, BLOCK=BLOCK_SIZE,
+            KEY_SHIFT=_KEY_SHIFT, num_warps=8 if qg * group >= 128 else 4, num_stages=1,
+        )
+        merge_kernel[(hi - lo, hkv)](
+            part_o, part_lse, selected, wide, tile_of, out, lo,
+            selected.stride(0), selected.stride(1), out.stride(0), out.stride(1),
+            HKV=hkv, G=group, GPAD=max(16, next_pow2(group)), D=dim, TOPK=topk, num_warps=4,
+        )
