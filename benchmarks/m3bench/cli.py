@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not send ignore_eos/min_tokens (for servers that reject unknown fields)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--extra-body", type=json_object, default={}, help="JSON object merged into every request")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds to wait for a connection or for the next bytes of a response")
 
     w = p.add_argument_group("workload")
     w.add_argument("--prefix-tokens", type=int, default=60_000, help="shared prefix length (system prompt + tool docs)")
