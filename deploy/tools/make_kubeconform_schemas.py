@@ -39,8 +39,11 @@ def _localize(node):
     """Rewrite shared-file refs into refs to the file's own `$defs`."""
     if isinstance(node, dict):
         return {
-            k: ("#/$defs/" + v[len(DEFS_PREFIX):] if k == "$ref" and isinstance(v, str) and v.startswith(DEFS_PREFIX)
-                else _localize(v))
+            k: (
+                "#/$defs/" + v[len(DEFS_PREFIX) :]
+                if k == "$ref" and isinstance(v, str) and v.startswith(DEFS_PREFIX)
+                else _localize(v)
+            )
             for k, v in node.items()
         }
     if isinstance(node, list):
@@ -58,7 +61,7 @@ def standalone_kind_schemas(wheel: Path, version: str, strict: bool) -> dict[str
             raise SystemExit(f"{wheel} has no schemas for Kubernetes {version} (looked in {folder})")
         all_defs = json.loads(zf.read(folder + "_definitions.json"))["$defs"]
         for name in names:
-            base = name[len(folder):]
+            base = name[len(folder) :]
             if base.startswith("_") or base == "all.json":
                 continue
             schema = json.loads(zf.read(name))

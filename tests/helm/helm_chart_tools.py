@@ -56,7 +56,9 @@ class Chart:
         self.unittest = _tool("helm-unittest")
         self.schemas = TOOLS / "schemas"
         if not (self.schemas / ".stamp").exists():
-            pytest.fail(f"{self.schemas} is missing: run `bash scripts/install_helm_tools.sh {TOOLS / 'bin'}`")
+            pytest.fail(
+                f"{self.schemas} is missing: run `bash scripts/install_helm_tools.sh {TOOLS / 'bin'}`"
+            )
 
     @staticmethod
     def _value_args(values_files=(), sets=()) -> list[str]:
@@ -68,8 +70,17 @@ class Chart:
         return args
 
     def template(self, values_files=(), sets=()) -> Run:
-        return run([self.helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                    *self._value_args(values_files, sets)])
+        return run(
+            [
+                self.helm,
+                "template",
+                RELEASE,
+                str(CHART),
+                "--namespace",
+                NAMESPACE,
+                *self._value_args(values_files, sets),
+            ]
+        )
 
     def render(self, values_files=(), sets=()) -> list[dict]:
         """The rendered objects; fails the test if rendering fails."""
@@ -83,16 +94,24 @@ class Chart:
     def validate(self, manifest_file: Path, k8s_version: str) -> Run:
         """kubeconform in strict mode (unknown fields are errors), against the offline schemas only."""
         s = self.schemas
-        return run([
-            self.kubeconform, "-strict", "-summary", "-output", "text",
-            "-kubernetes-version", k8s_version,
-            "-schema-location", f"{s}/{{{{.NormalizedKubernetesVersion}}}}-standalone{{{{.StrictSuffix}}}}/"
-                                "{{.ResourceKind}}{{.KindSuffix}}.json",
-            "-schema-location", f"{s}/crds{{{{.StrictSuffix}}}}/{{{{.Group}}}}/"
-                                "{{.ResourceKind}}_{{.ResourceAPIVersion}}.json",
-            str(manifest_file),
-        ])
-
+        return run(
+            [
+                self.kubeconform,
+                "-strict",
+                "-summary",
+                "-output",
+                "text",
+                "-kubernetes-version",
+                k8s_version,
+                "-schema-location",
+                f"{s}/{{{{.NormalizedKubernetesVersion}}}}-standalone{{{{.StrictSuffix}}}}/"
+                "{{.ResourceKind}}{{.KindSuffix}}.json",
+                "-schema-location",
+                f"{s}/crds{{{{.StrictSuffix}}}}/{{{{.Group}}}}/"
+                "{{.ResourceKind}}_{{.ResourceAPIVersion}}.json",
+                str(manifest_file),
+            ]
+        )
 
 
 def pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:

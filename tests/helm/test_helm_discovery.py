@@ -31,7 +31,9 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_discovery_selector_matches_serving_worker_pods_only(chart, values):
     objects = chart.render(values)
-    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway"))
+    gateway = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway")
+    )
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
     selector = _selector(_flag(args, "--discovery-selector"))
     assert _flag(args, "--discovery-namespace") == NAMESPACE
@@ -47,7 +49,9 @@ def test_discovery_selector_matches_serving_worker_pods_only(chart, values):
         ports = {p["name"]: p["containerPort"] for p in tmpl["spec"]["containers"][0]["ports"]}
         assert "http" in ports
     for name, tmpl in followers.items():
-        assert not _matches(selector, tmpl["metadata"]["labels"]), f"{name} (no HTTP server) would be discovered"
+        assert not _matches(selector, tmpl["metadata"]["labels"]), (
+            f"{name} (no HTTP server) would be discovered"
+        )
     gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
     assert not _matches(selector, gateway_labels), "the gateway would discover itself"
 
@@ -56,8 +60,17 @@ def test_discovery_selector_matches_serving_worker_pods_only(chart, values):
 def test_worker_service_and_pdb_select_the_worker_pods(chart, values):
     objects = chart.render(values)
     service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-worker"))
-    pdb = next(o for o in objects if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-worker")) \
-        if any(o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-worker") for o in objects) else None
+    pdb = (
+        next(
+            o
+            for o in objects
+            if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-worker")
+        )
+        if any(
+            o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-worker") for o in objects
+        )
+        else None
+    )
     for name, tmpl in pod_templates(objects):
         labels = tmpl["metadata"]["labels"]
         if "gateway" in name:
@@ -70,7 +83,9 @@ def test_worker_service_and_pdb_select_the_worker_pods(chart, values):
 
 def test_rbac_grants_the_gateway_account_pod_watching(chart):
     objects = chart.render()
-    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway"))
+    gateway = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway")
+    )
     account = gateway["spec"]["template"]["spec"]["serviceAccountName"]
     role = next(o for o in objects if o["kind"] == "Role")
     binding = next(o for o in objects if o["kind"] == "RoleBinding")

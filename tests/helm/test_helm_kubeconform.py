@@ -8,15 +8,20 @@ import pytest
 from helm_chart_tools import K8S_VERSIONS, PRESETS, dump_all
 
 # Every optional object on, so the CRD-backed kinds (ServiceMonitor, ScaledObject) are checked too.
-ALL_ON = ["monitoring.serviceMonitor.enabled=true", "workers.keda.enabled=true",
-          "gateway.auth.apiKeys={sk-test-aaaaaaaa}"]
+ALL_ON = [
+    "monitoring.serviceMonitor.enabled=true",
+    "workers.keda.enabled=true",
+    "gateway.auth.apiKeys={sk-test-aaaaaaaa}",
+]
 CASES = [pytest.param([], [], id="defaults")]
 CASES += [pytest.param([p], [], id=p.stem) for p in PRESETS]
 CASES += [pytest.param([p], ALL_ON, id=f"{p.stem}-all-on") for p in PRESETS]
 
 
 def _summary(output: str) -> dict[str, int]:
-    m = re.search(r"(\d+) resources found.*Valid: (\d+), Invalid: (\d+), Errors: (\d+), Skipped: (\d+)", output)
+    m = re.search(
+        r"(\d+) resources found.*Valid: (\d+), Invalid: (\d+), Errors: (\d+), Skipped: (\d+)", output
+    )
     assert m, f"no kubeconform summary in:\n{output}"
     found, valid, invalid, errors, skipped = map(int, m.groups())
     return {"found": found, "valid": valid, "invalid": invalid, "errors": errors, "skipped": skipped}
@@ -44,9 +49,17 @@ def test_manifests_match_schemas(chart, tmp_path, values, sets, k8s_version):
         # A misplaced field in a core kind, in a LeaderWorkerSet, and a wrong type in a KEDA ScaledObject:
         # proof that the schemas are strict and really consulted, not silently skipped.
         ("Deployment", lambda o: o["spec"]["template"]["spec"].update(gpuCount=8), "'gpuCount' not allowed"),
-        ("LeaderWorkerSet", lambda o: o["spec"]["leaderWorkerTemplate"].update(nodes=2), "'nodes' not allowed"),
+        (
+            "LeaderWorkerSet",
+            lambda o: o["spec"]["leaderWorkerTemplate"].update(nodes=2),
+            "'nodes' not allowed",
+        ),
         ("ScaledObject", lambda o: o["spec"].update(cooldownPeriod="soon"), "cooldownPeriod"),
-        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(intervall="15s"), "'intervall' not allowed"),
+        (
+            "ServiceMonitor",
+            lambda o: o["spec"]["endpoints"][0].update(intervall="15s"),
+            "'intervall' not allowed",
+        ),
     ],
 )
 def test_schemas_catch_broken_manifests(chart, tmp_path, kind, breakage, complaint):

@@ -9,7 +9,8 @@ import zipfile
 from helm_chart_tools import REPO
 
 spec = importlib.util.spec_from_file_location(
-    "m3serve_make_schemas", REPO / "deploy" / "tools" / "make_kubeconform_schemas.py")
+    "m3serve_make_schemas", REPO / "deploy" / "tools" / "make_kubeconform_schemas.py"
+)
 tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 
@@ -55,13 +56,20 @@ def test_crd_schema_is_strict_and_maps_kubernetes_extensions(tmp_path):
 def test_kind_schemas_become_standalone(tmp_path):
     # A miniature kubernetes-validate wheel: one kind whose refs point into the shared definitions file.
     folder = "kubernetes_validate/kubernetes-json-schema/v1.30.0-local-strict/"
-    defs = {"$defs": {
-        "Spec": {"type": "object", "properties": {"inner": {"$ref": "#/$defs/Inner"}}},
-        "Inner": {"type": "string"},
-        "Unused": {"type": "integer"},
-    }, "$schema": "https://json-schema.org/draft/2020-12/schema"}
-    kind = {"type": "object", "x-kubernetes-group-version-kind": [{"kind": "Thing"}], "$id": "https://x",
-            "properties": {"spec": {"$ref": "/api/_definitions.json#/$defs/Spec"}}}
+    defs = {
+        "$defs": {
+            "Spec": {"type": "object", "properties": {"inner": {"$ref": "#/$defs/Inner"}}},
+            "Inner": {"type": "string"},
+            "Unused": {"type": "integer"},
+        },
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+    }
+    kind = {
+        "type": "object",
+        "x-kubernetes-group-version-kind": [{"kind": "Thing"}],
+        "$id": "https://x",
+        "properties": {"spec": {"$ref": "/api/_definitions.json#/$defs/Spec"}},
+    }
     wheel = tmp_path / "kv.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(folder + "_definitions.json", json.dumps(defs))

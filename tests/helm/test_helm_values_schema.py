@@ -25,7 +25,10 @@ BAD_VALUES = [
     # Cross-field rules the schema cannot express, checked by the templates.
     (["workers.tp=8", "workers.nodes=3"], "workers.tp (8) must be a multiple of workers.nodes (3)"),
     (["model.source=tiny"], "model.source=tiny is the CPU test model: set workers.device=cpu"),
-    (["workers.device=cpu", "workers.nodes=2", "workers.tp=2"], "workers.nodes > 1 needs workers.device=cuda"),
+    (
+        ["workers.device=cpu", "workers.nodes=2", "workers.tp=2"],
+        "workers.nodes > 1 needs workers.device=cuda",
+    ),
     (["gateway.discovery.enabled=false"], "gateway.discovery.enabled=false needs gateway.workerUrls"),
     (["rbac.create=false"], "gateway discovery needs RBAC to watch pods"),
 ]

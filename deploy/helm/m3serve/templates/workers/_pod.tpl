@@ -72,11 +72,9 @@ spec:
         - 0.0.0.0
         - --port
         - {{ $w.port | quote }}
-        - --enable-metrics
-        {{- if eq $w.device "cpu" }}
         - --device
-        - cpu
-        {{- end }}
+        - {{ $w.device }}
+        - --enable-metrics
         {{- if gt (int $w.nodes) 1 }}
         # Kubernetes expands $(VAR) from the env that LeaderWorkerSet injects into every pod of a group.
         - --nnodes
