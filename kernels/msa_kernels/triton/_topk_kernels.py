@@ -22,17 +22,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_NO_ID: tl.constexpr = 2147483647  # sorts after every block id; mapped back to -1
+_NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
 
 
 @triton.jit
-def _select_and_store(scores, ids, local, rows, row_ok, out_ptr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr):
+def _select_and_store(scores, ids, local, rows, row_ok, out_ptr,
+                      R: tl.constexpr, L: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr):
     """scores/ids [R, L] candidates of R rows -> out[row, :TOPK]: the best TOPK-1 ids (score > -inf) and
     the local block, ascending, -1 padded."""
-    width: tl.constexpr = scores.shape[1]
-    col = tl.arange(0, width)
+    col = tl.arange(0, L)
     ocol = tl.arange(0, TOPK_P2)
-    chosen = tl.full([scores.shape[0], TOPK_P2], -1, tl.int32)
+    chosen = tl.full([R, TOPK_P2], -1, tl.int32)
     for k in tl.static_range(TOPK - 1):
         best = tl.max(scores, 1)
         arg = tl.argmax(scores, 1)
@@ -88,8 +88,11 @@ def _score_kernel(
         top_s = tl.full([BLOCK_M, KS], float("-inf"), tl.float32)
         top_i = tl.full([BLOCK_M, KS], -1, tl.int32)
         page_row = pt_ptr + b_ref.to(tl.int64) * stride_pt
+        next_page = tl.load(page_row + j0, mask=j0 < j1, other=0)
         for j in range(j0, j1):
-            slot0 = tl.load(page_row + j).to(tl.int64) * PAGE
+            # The next block's page id is fetched one iteration ahead: the key load never waits on it.
+            slot0 = next_page.to(tl.int64) * PAGE
+            next_page = tl.load(page_row + j + 1, mask=j + 1 < j1, other=0)
             if USE_DOT:
                 kt = tl.load(kc_ptr + (slot0 + tok)[None, :] * stride_ks + d[:, None])  # [D, PAGE]
                 if K_NEEDS_CAST:
@@ -117,7 +120,7 @@ def _score_kernel(
             top_s = tl.where(put, bmax[:, None], top_s)
             top_i = tl.where(put, j, top_i)
         if FINAL:
-            _select_and_store(top_s, top_i, local, row, row_ok, out_ptr, TOPK, TOPK_P2)
+            _select_and_store(top_s, top_i, local, row, row_ok, out_ptr, BLOCK_M, KS, TOPK, TOPK_P2)
         else:
             off = (row.to(tl.int64)[:, None] * n_chunks + chunk) * KS + kcol[None, :]
             tl.store(cand_s_ptr + off, top_s, mask=row_ok[:, None])
@@ -140,7 +143,7 @@ def _merge_kernel(
     off = rows.to(tl.int64)[:, None] * (n_chunks * KS) + col[None, :]
     s = tl.load(cand_s_ptr + off, mask=ok, other=float("-inf"))
     ids = tl.load(cand_i_ptr + off, mask=ok, other=-1)
-    _select_and_store(s, ids, local, rows, row_ok, out_ptr, TOPK, TOPK_P2)
+    _select_and_store(s, ids, local, rows, row_ok, out_ptr, RB, LP, TOPK, TOPK_P2)
 
 
 def launch_score(work, plan, q_idx, index_k_cache, out, sub_tokens: int, num_warps: int, num_stages: int):

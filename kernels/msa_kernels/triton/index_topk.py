@@ -20,6 +20,9 @@ from ._topk_kernels import launch_merge, launch_score
 from ._topk_worklist import TopkWork, build_topk_work
 
 _EXTRAS_KEY = "triton_index_topk"
+# CUDA-core path (decode, < 16 rows): elements of the [rows, tokens, dim] product tile held at once. 8192
+# keeps the kernel near 80 registers at 8 warps (3 programs per SM), with 16-byte key loads.
+FMA_TILE_ELEMENTS = 8192
 _INDEX_K_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
@@ -68,18 +71,26 @@ def _check(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> N
         raise MSAInputError(f"topk must be in [1, 64], got {plan.topk}")
 
 
-def index_topk(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> torch.Tensor:
-    """Selections for every new token of the batch: int32 [T, H_idx, topk], ascending, -1 padded."""
+def index_topk(
+    plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Selections for every new token of the batch: int32 [T, H_idx, topk], ascending, -1 padded.
+    `out`, when given, is written in place (a static buffer inside CUDA graphs)."""
     _check(plan, q_idx, index_k_cache)
     heads = q_idx.shape[1]
     work = prepare_index_topk(plan, heads, index_k_cache.shape[0] // BLOCK_SIZE, q_idx.device)
-    out = torch.empty(q_idx.shape[0], heads, plan.topk, dtype=torch.int32, device=q_idx.device)
+    shape = (q_idx.shape[0], heads, plan.topk)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int32, device=q_idx.device)
+    elif out.shape != shape or out.dtype != torch.int32 or not out.is_contiguous() or out.device != q_idx.device:
+        raise MSAInputError(f"out must be a contiguous int32 {shape} tensor on {q_idx.device}, got "
+                            f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if q_idx.shape[0] == 0:
         return out
     if work.block_m >= 16:
         sub, warps, stages = 128, (8 if work.block_m >= 128 else 4), 3
     else:
-        sub = max(1, min(128, 16384 // (work.block_m * q_idx.shape[2])))
+        sub = max(1, min(128, FMA_TILE_ELEMENTS // (work.block_m * q_idx.shape[2])))
         warps, stages = 8, 2
     launch_score(work, plan, q_idx, index_k_cache, out, sub, warps, stages)
     if not work.final:

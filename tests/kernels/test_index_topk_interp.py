@@ -1,0 +1,161 @@
+"""Index scoring + block top-k Triton kernels on the CPU, through the Triton interpreter.
+
+The interpreter must be switched on (TRITON_INTERPRET=1) before the kernels are defined, and other tests
+in the same process may already have imported them, so every case runs in a fresh subprocess: pytest
+calls this file as a script with the case name. Inputs are fp16 (the interpreter's bf16 arithmetic is
+not trustworthy), small shapes, fresh random values each run, and the output is poisoned before the run.
+Each case checks both the plain path (one chunk per row: the scoring kernel writes the selection) and
+the split path (histories cut into chunks, candidates merged by the merge kernel), whose candidate
+buffers are poisoned too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+POISON = -7  # no valid selection entry is ever -7
+
+
+def _run_selection(p, q_idx, kc, target_items):
+    import torch
+
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_index_topk
+
+    work = prepare_index_topk(p, q_idx.shape[1], kc.shape[0] // 128, target_items=target_items)
+    if work.cand_scores is not None:
+        work.cand_scores.fill_(float("nan"))
+        work.cand_ids.fill_(POISON)
+    out = torch.full((q_idx.shape[0], q_idx.shape[1], p.topk), POISON, dtype=torch.int32)
+    index_topk(p, q_idx, kc, out=out)
+    assert not bool((out == POISON).any()), "some output entries were never written"
+    res = check_selection(p, q_idx, kc, out)
+    res.update(final=work.final, items=work.n_items_host, block_m=work.block_m, chunks=work.n_chunks)
+    return res
+
+
+def _both_paths(seq_lens, q_lens, heads, **kw):
+    """Run the batch once unsplit (huge target: few items) and once split into chunks (target 64)."""
+    import copy
+
+    from msa_kernels.triton._topk_testcases import make_batch
+
+    p, q_idx, kc = make_batch(seq_lens, q_lens, heads, **kw)
+    p2 = copy.copy(p)
+    p2.extras = {}
+    return [_run_selection(p, q_idx, kc, target_items=1), _run_selection(p2, q_idx, kc, target_items=64)]
+
+
+# ---- cases (run inside the interpreter subprocess) ---------------------------------------------------
+
+
+def case_decode_mixed_lengths():
+    # short and long requests in one batch: 1 token, exactly one block, exactly 16 blocks, 16 blocks + 1
+    # token, lengths off the block grid, and longer histories that need the top-k
+    seqs = [1, 128, 2048, 2049, 130, 3000, 5000]
+    res = _both_paths(seqs, [1] * len(seqs), heads=4)
+    assert not res[0]["final"] or res[0]["items"] >= 1
+    assert not res[1]["final"], "target 64 should split the histories into chunks"
+    return res
+
+
+def case_decode_one_and_two_heads():
+    return _both_paths([2600, 900, 4100], [1, 1, 1], heads=1) + _both_paths([4100, 257], [1, 1], heads=2)
+
+
+def case_decode_shared_prefix():
+    # 6 sessions on one 3,000-token prefix (23 shared blocks), each with its own tail; the packed work
+    # list must read each shared page once for the batch (one item per chunk, not one per request)
+    from msa_kernels.triton._topk_testcases import make_batch
+    from msa_kernels.triton.index_topk import prepare_index_topk
+
+    seqs = [3000 + 37 * i for i in range(6)]
+    res = _both_paths(seqs, [1] * 6, heads=4, shared_blocks=23)
+    p, _, kc = make_batch(seqs, [1] * 6, heads=4, shared_blocks=23)
+    work = prepare_index_topk(p, 4, kc.shape[0] // 128, target_items=64)
+    private_items = sum(-(-((s - 1) // 128) // work.chunk_blocks) for s in seqs)
+    assert work.n_items_host < private_items / 3, (work.n_items_host, private_items)
+    assert work.block_m >= 16, "packed rows of six requests should take the tensor-core path"
+    return res
+
+
+def case_extend_mixed():
+    # a prefix of 730 + 40 new tokens; 2,100 cached + 40 new; an empty prefix (plain prefill of 200);
+    # and a decode-like request of one token, all in one extend batch
+    return _both_paths([770, 2140, 200, 1500], [40, 40, 150, 1], heads=4)
+
+
+def case_extend_one_head_exact_16_blocks():
+    # H_idx = 1 (tensor parallel 4): 128 tokens per tile; a sequence of exactly 16 blocks
+    return _both_paths([2048, 2200], [150, 64], heads=1)
+
+
+def case_fp8_index_k():
+    import torch
+
+    res = _both_paths([3100, 260], [1, 1], heads=4, k_dtype=torch.float8_e4m3fn)
+    res += _both_paths([2300], [45], heads=2, k_dtype=torch.float8_e4m3fn)
+    return res
+
+
+def case_bad_inputs():
+    import torch
+
+    from msa_kernels import MSAInputError
+    from msa_kernels.triton._topk_testcases import make_batch
+    from msa_kernels.triton.index_topk import index_topk
+
+    p, q_idx, kc = make_batch([600, 300], [1, 1], heads=4)
+    problems = {
+        "tokens": lambda: index_topk(p, q_idx[:1], kc),
+        "head dim": lambda: index_topk(p, q_idx[..., :64].contiguous(), kc),
+        "index heads": lambda: index_topk(p, q_idx, kc.expand(-1, 2, -1)),
+        "dtype": lambda: index_topk(p, q_idx.to(torch.int32), kc),
+        "out": lambda: index_topk(p, q_idx, kc, out=torch.empty(2, 4, 8, dtype=torch.int32)),
+    }
+    # a page table entry outside the pool (the plan accepts it when not told the pool size)
+    from msa_kernels import plan as make_plan
+
+    pt = p.page_table.clone()
+    pt[0, 2] = kc.shape[0] // 128 + 5
+    bad_plan = make_plan(pt, p.seq_lens_list, p.q_lens_list)
+    problems["page outside pool"] = lambda: index_topk(bad_plan, q_idx, kc)
+    seen = {}
+    for name, call in problems.items():
+        try:
+            call()
+        except MSAInputError as e:
+            seen[name] = str(e)
+        else:
+            raise AssertionError(f"{name}: no MSAInputError")
+    assert "outside the index-K pool" in seen["page outside pool"], seen["page outside pool"]
+    return seen
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def _run_in_interpreter(name: str) -> list | dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"case {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_index_topk_interpreter(name):
+    _run_in_interpreter(name)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run through pytest, or with TRITON_INTERPRET=1")
+    print(json.dumps(CASES[sys.argv[1]]()))
