@@ -691,11 +691,15 @@ def selection_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((inter / size).mean())
 
 
-def distinct_blocks_per_tile(sel: torch.Tensor, tile: int = 128) -> float:
-    """Average number of distinct blocks a 128-query tile (per KV head) selects: 16 = full overlap."""
-    t, h, k = sel.shape
+def distinct_blocks_per_tile(sel: torch.Tensor, tile: int = 128, max_tiles: int = 32) -> float:
+    """Average number of distinct blocks a 128-query tile (per KV head) selects, over up to `max_tiles`
+    tiles spread evenly over the tokens: 16 = every query of the tile selects the same blocks."""
+    t, h, _ = sel.shape
+    starts = list(range(0, t, tile))
+    if len(starts) > max_tiles:
+        starts = [starts[round(i * (len(starts) - 1) / (max_tiles - 1))] for i in range(max_tiles)]
     counts = []
-    for lo in range(0, t, tile):
+    for lo in starts:
         chunk = sel[lo : lo + tile].permute(1, 0, 2).reshape(h, -1)
         for r in range(h):
             u = torch.unique(chunk[r])
@@ -921,7 +925,7 @@ class Bench:
         try:
             ref_sel = self.ours.ref.index_topk(self.ours.plan(inp), inp.q_idx, inp.idx_k_cache)
             f_attn = sparse_attn_flops_exact(ref_sel, inp.q_pos)
-            overlap = distinct_blocks_per_tile(ref_sel[: min(ref_sel.shape[0], 4096)])
+            overlap = distinct_blocks_per_tile(ref_sel)
         except Exception as e:  # noqa: BLE001
             self.notes.append(f"{case.name}: reference selection failed ({type(e).__name__}: {e}); attention "
                               "timed on random selections")
@@ -1210,13 +1214,35 @@ def environment(args: argparse.Namespace) -> dict:
             env["card"] = props.name
     else:
         env["card"] = "cpu"
+    env["ours_source_sha1"] = source_digest(ROOT / "kernels" / "msa_kernels")
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "kernels"], capture_output=True,
+                               text=True, timeout=10)
+        env["git_head"] = head.stdout.strip() or None
+        env["kernels_uncommitted_files"] = len(dirty.stdout.splitlines()) if head.returncode == 0 else None
+    except Exception:  # noqa: BLE001 - the device copy may have no .git
+        env["git_head"] = None
     return env
 
 
-def summarize(bench: Bench) -> list[dict]:
-    """One line per case: layer times of upstream, ours and the fastest dense, with roofline fractions."""
+def source_digest(folder: Path) -> str:
+    """sha1 over the kernel library's Python sources (names and contents): which 'ours' was measured."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted(folder.rglob("*.py")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per case: layer times of upstream, ours and the fastest dense, with roofline fractions
+    (the bound of the layer's own precision: the fp8 case uses the fp8 bytes bound)."""
     by: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in bench.rows:
+    for r in rows:
         by.setdefault((r["section"], r["case"]), {})[r["variant"]] = r
     out = []
     for (section, case), v in by.items():
@@ -1227,12 +1253,14 @@ def summarize(bench: Bench) -> list[dict]:
         up, ours = us("upstream layer"), us("ours layer")
         if section == "fp8":
             continue
-        if "ours fp8 layer" in v or "ours bf16 layer" in v:
+        fp8 = "ours fp8 layer" in v or "ours bf16 layer" in v or "upstream fp8 layer" in v
+        if fp8:
             up = us("upstream fp8 layer")
             ours = us("ours fp8 layer")
         dense = [x for x in (us("dense flash"), us("dense cudnn")) if x is not None]
-        any_row = next(iter(v.values()))
-        lb = any_row.get("lb_us")
+        names = ("ours fp8 layer", "upstream fp8 layer") if fp8 else ("ours layer", "upstream layer")
+        lb_row = next((v[n] for n in names if n in v), next(iter(v.values())))
+        lb = lb_row.get("lb_us")
         line = {"section": section, "case": case, "upstream_us": up, "ours_us": ours,
                 "dense_best_us": min(dense) if dense else None, "lb_us": lb,
                 "speedup_vs_upstream": (up / ours) if up and ours else None,
@@ -1254,24 +1282,29 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def markdown(env: dict, bench: Bench, summary: list[dict]) -> str:
-    c = bench.ceil
+def markdown(data: dict) -> str:
+    """The markdown report of one run, from its JSON data (so a saved JSON can be re-rendered)."""
+    env, c, args, summary = data["env"], data["ceilings"], data.get("args", {}), data["summary"]
     lines = [f"# MSA kernel benchmark: {env.get('card')}", "",
              f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
              f"- card: {env.get('nvidia_smi', env.get('card'))}",
-             f"- included: grid {bench.grid}, sections {bench.args.only or 'all'}"
-             + (f", cases matching `{bench.args.match}`" if bench.args.match else "")
+             f"- included: grid {data.get('grid')}, sections {args.get('only') or 'all'}"
+             + (f", cases matching `{args.get('match')}`" if args.get("match") else "")
              + f"; wall time {env.get('wall_s')} s",
              f"- versions: python {env['python']}, torch {env['torch']}, triton {env.get('triton')}, "
              f"CUDA runtime {env.get('cuda_runtime')}, nvcc: {env.get('nvcc')}",
              f"- ceilings (this run): copy {c['copy_bytes_s'] / 1e12:.2f} TB/s, bf16 matmul "
              f"{c['matmul_flops_s'] / 1e12:.0f} TFLOP/s{'' if c.get('measured') else ' (NOT measured: placeholders)'}",
              f"- upstream: sglang 0.5.23 Triton MSA kernels from the PyPI wheel; decode top-k: "
-             f"{bench.up.topk_impl if bench.up else 'not run'}"
-             + (f"; import error: {bench.up.error}" if bench.up and bench.up.error else ""),
-             f"- ours: msa_kernels.ops{'; import error: ' + bench.ours.error if bench.ours.error else ''}",
+             f"{data.get('upstream_topk') or 'not run'}"
+             + (f"; import error: {data['upstream_error']}" if data.get("upstream_error") else ""),
+             f"- ours: msa_kernels.ops (sources sha1 {env.get('ours_source_sha1')}, git {env.get('git_head')}, "
+             f"uncommitted kernel files: {env.get('kernels_uncommitted_files')})"
+             f"{'; import error: ' + data['ours_error'] if data.get('ours_error') else ''}",
              ""]
-    lines += [f"- note: {n}" for n in bench.notes]
+    if data.get("label"):
+        lines.insert(0, f"> **{data['label']}**\n")
+    lines += [f"- note: {n}" for n in data.get("notes", [])]
     lines += ["", "## Summary (layer = index scoring + top-k + attention)", "",
               "| case | upstream µs | ours µs | ours / upstream speedup | best dense µs | LB µs | ours % roofline | "
               "upstream % roofline | attn TFLOP/s upstream / ours |",
@@ -1282,10 +1315,22 @@ def markdown(env: dict, bench: Bench, summary: list[dict]) -> str:
                      f"{_fmt(s['ours_frac_roofline'] and 100 * s['ours_frac_roofline'], '.0f')} | "
                      f"{_fmt(s['upstream_frac_roofline'] and 100 * s['upstream_frac_roofline'], '.0f')} | "
                      f"{_fmt(s.get('upstream_attn_tflops'), '.0f')} / {_fmt(s.get('ours_attn_tflops'), '.0f')} |")
+    fp8 = [x for x in summary if x.get("ours_bf16_us") is not None or "fp8" in x["case"]]
+    if fp8:
+        agree = {(ch["variant"]): ch.get("agreement") for ch in data["checks"] if "agreement fp8" in ch.get("what", "")}
+        ups = {r["variant"]: r["us"] for r in data["rows"] if "fp8" in r["case"] and r.get("ok") and r.get("us")}
+        lines += ["", "## fp8 K/V + fp8 index-K decode", "",
+                  "| case | ours bf16 µs | ours fp8 µs | fp8 speedup over ours bf16 | upstream bf16 µs | upstream fp8 µs | "
+                  "selection agreement fp8 vs bf16 (ours / reference scorer) |", "|---|---|---|---|---|---|---|"]
+        for x in fp8:
+            lines.append(f"| {x['case']} | {_fmt(x.get('ours_bf16_us'))} | {_fmt(x['ours_us'])} | "
+                         f"{_fmt(x.get('fp8_speedup_vs_ours_bf16'), '.2f')} | {_fmt(ups.get('upstream bf16 layer'))} | "
+                         f"{_fmt(ups.get('upstream fp8 layer'))} | {_fmt(agree.get('ours'), '.3f')} / "
+                         f"{_fmt(agree.get('reference'), '.3f')} |")
     lines += ["", "## Every variant", "",
               "| section | case | variant | µs | timing | sets | % of roofline | TFLOP/s (useful) | note |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for r in bench.rows:
+    for r in data["rows"]:
         if not r.get("ok"):
             lines.append(f"| {r['section']} | {r['case']} | {r['variant']} | FAILED | | | | | {r.get('error', '')} |")
             continue
@@ -1313,7 +1358,7 @@ def markdown(env: dict, bench: Bench, summary: list[dict]) -> str:
                      f"{r.get('sets', '')} | {_fmt(frac and 100 * frac, '.0f')} | {_fmt(tf, '.0f')} | {note} |")
     lines += ["", "## Correctness (same inputs, against the float32 reference)", "",
               "| section | case | variant | check | result | ok |", "|---|---|---|---|---|---|"]
-    for ch in bench.checks:
+    for ch in data["checks"]:
         res = {k: ch[k] for k in ("agreement", "rows_checked", "rows_differ", "rows_not_near_tie", "rel_err",
                                   "value", "error") if k in ch}
         lines.append(f"| {ch.get('section')} | {ch.get('case')} | {ch.get('variant')} | {ch.get('what', '')} | "
@@ -1377,7 +1422,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", default="", help="only cases whose name matches this regular expression")
     ap.add_argument("--budget-s", type=float, default=0, help="skip cases that would start after this many seconds")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--render", default="", help="re-render the .md and .png of a saved result JSON, run nothing")
     args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        data = json.loads(src.read_text())
+        data["summary"] = summarize(data["rows"])
+        src.write_text(json.dumps(data, indent=1, default=str))
+        src.with_suffix(".md").write_text(markdown(data))
+        err = plot(data, src.with_suffix(".png"))
+        print(f"rendered {src.with_suffix('.md')}" + (f"; plot: {err}" if err else f" and {src.with_suffix('.png')}"))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -1388,14 +1443,14 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     finally:
         env["wall_s"] = round(time.time() - t0, 1)
-        summary = summarize(bench)
-        data = {"env": env, "ceilings": bench.ceil, "upstream_topk": bench.up.topk_impl if bench.up else None,
+        summary = summarize(bench.rows)
+        data = {"env": env, "grid": bench.grid, "ceilings": bench.ceil, "upstream_topk": bench.up.topk_impl if bench.up else None,
                 "upstream_error": bench.up.error if bench.up else None, "ours_error": bench.ours.error,
                 "notes": bench.notes, "summary": summary, "rows": bench.rows, "checks": bench.checks,
                 "args": vars(args)}
         stem = "msa_kernels" + (f"_{args.tag}" if args.tag else "")
         (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
-        (out / f"{stem}.md").write_text(markdown(env, bench, summary))
+        (out / f"{stem}.md").write_text(markdown(data))
         err = plot(data, out / f"{stem}.png")
         if err:
             print(f"plot: {err}")
