@@ -1460,6 +1460,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s['case']:<48} {_fmt(s['upstream_us']):>10} {_fmt(s['ours_us']):>10} "
                   f"{_fmt(s['speedup_vs_upstream'], '.2f'):>8} {_fmt(s['dense_best_us']):>10} {_fmt(s['lb_us']):>9} "
                   f"{_fmt(s['ours_frac_roofline'] and 100 * s['ours_frac_roofline'], '.0f'):>7}")
+            if s.get("ours_bf16_us") is not None:
+                print(f"{'   (fp8 row: upstream/ours are fp8; ours bf16 ' + _fmt(s['ours_bf16_us']) + ' us, fp8 speedup ' + _fmt(s.get('fp8_speedup_vs_ours_bf16'), '.2f') + ')'}")
         bad = [c for c in bench.checks if not c.get("ok")]
         print(f"correctness: {len(bench.checks) - len(bad)}/{len(bench.checks)} checks ok"
               + "".join(f"\n  FAIL {c.get('case')} {c.get('variant')} {c.get('what', '')}: "
