@@ -59,6 +59,15 @@ def _store_kernel(
         tl.store(ikc_ptr + slot[:, None] * stride_ikcs + icol[None, :], ik.to(ikc_ptr.dtype.element_ty), mask=im)
 
 
+def _flat_index_k(index_k: torch.Tensor) -> torch.Tensor:
+    """[T, D] or [T, 1, D] -> [T, D]."""
+    if index_k.dim() == 3 and index_k.shape[1] == 1:
+        return index_k[:, 0]
+    if index_k.dim() != 2:
+        raise MSAInputError(f"index_k must be [T, D] or [T, 1, D], got {tuple(index_k.shape)}")
+    return index_k
+
+
 def _check_inputs(slots, k, v, index_k, k_cache, v_cache, index_k_cache, k_scale, v_scale):
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache, heads=k_cache.shape[1], dim=k_cache.shape[2])
@@ -86,7 +95,7 @@ def _check_inputs(slots, k, v, index_k, k_cache, v_cache, index_k_cache, k_scale
             raise MSAInputError(
                 f"index_k_cache has {index_k_cache.shape[0]} slots, k_cache {k_cache.shape[0]}"
             )
-        ik = index_k.reshape(index_k.shape[0], -1)
+        ik = _flat_index_k(index_k)
         if ik.shape != (k.shape[0], index_k_cache.shape[2]):
             raise MSAInputError(
                 f"index_k must be [T={k.shape[0]}, {index_k_cache.shape[2]}] (or [T, 1, D]), "
@@ -118,7 +127,7 @@ def store(
     heads, dim = k.shape[1], k.shape[2]
     has_index = index_k is not None
     if has_index:
-        ik = index_k.reshape(n_tokens, -1)
+        ik = _flat_index_k(index_k)
         if ik.stride(-1) != 1:
             ik = ik.contiguous()
         ikc = index_k_cache
