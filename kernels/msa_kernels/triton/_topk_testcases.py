@@ -43,10 +43,13 @@ def make_batch(
     if shared_blocks:
         page_table[:, :shared_blocks] = page_table[0, :shared_blocks]
     # Index keys are RMS-normed in M3 (entries O(1)); queries too. Draw fresh values each call.
-    keys = torch.randn(num_pages * BLOCK_SIZE, 1, dim, generator=g)
-    index_k_cache = keys.to(k_dtype).to(device)
+    # On a GPU draw on the device (pools reach gigabytes); `generator` only seeds CPU draws.
+    on_cpu = torch.device(device).type == "cpu"
+    rand = (lambda *shape: torch.randn(*shape, generator=g)) if on_cpu else (
+        lambda *shape: torch.randn(*shape, device=device))
+    index_k_cache = rand(num_pages * BLOCK_SIZE, 1, dim).to(k_dtype)
     p = plan(page_table.to(torch.int32).to(device), seq_lens, q_lens, num_pages=num_pages, topk=topk)
-    q_idx = torch.randn(p.num_tokens, heads, dim, generator=g).to(q_dtype).to(device)
+    q_idx = rand(p.num_tokens, heads, dim).to(q_dtype)
     return p, q_idx, index_k_cache
 
 

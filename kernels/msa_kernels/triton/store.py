@@ -49,14 +49,15 @@ def _store_kernel(
         v = v.to(tl.float32) / v_scale
     kc = kc_ptr + slot[:, None] * stride_kcs + head[None, :] * stride_kch + dim[None, :]
     vc = vc_ptr + slot[:, None] * stride_vcs + head[None, :] * stride_vch + dim[None, :]
-    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=m)
-    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=m)
+    # Through float32, as the reference casts: one rounding, to nearest even, into the cache dtype.
+    tl.store(kc, k.to(tl.float32).to(kc_ptr.dtype.element_ty), mask=m)
+    tl.store(vc, v.to(tl.float32).to(vc_ptr.dtype.element_ty), mask=m)
 
     if HAS_INDEX:
         icol = tl.arange(0, ID_P2)
         im = tok_ok[:, None] & (icol < INDEX_DIM)[None, :]
         ik = tl.load(ik_ptr + tok64[:, None] * stride_ikt + icol[None, :], mask=im)
-        tl.store(ikc_ptr + slot[:, None] * stride_ikcs + icol[None, :], ik.to(ikc_ptr.dtype.element_ty), mask=im)
+        tl.store(ikc_ptr + slot[:, None] * stride_ikcs + icol[None, :], ik.to(tl.float32).to(ikc_ptr.dtype.element_ty), mask=im)
 
 
 def _flat_index_k(index_k: torch.Tensor) -> torch.Tensor:
