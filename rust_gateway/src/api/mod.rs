@@ -1,0 +1,4 @@
+//! The OpenAI-compatible surface: request parameters and response objects.
+
+pub mod objects;
+pub mod params;

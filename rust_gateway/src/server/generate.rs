@@ -1,0 +1,600 @@
+//! POST /v1/chat/completions and /v1/completions: validate, preprocess, route, then either stream
+//! SSE chunks or collect one response.
+
+use super::dispatch::{dispatch, AbortOnDrop, Accepted};
+use super::AppState;
+use crate::api::objects::{chat_logprobs, completion_logprobs, finish_reason, new_id, unix_now, Usage};
+use crate::api::params::{self, Endpoint, GenParams};
+use crate::error::ApiError;
+use crate::parsers::{OutputParser, ParsedDelta};
+use crate::prompt::Prompt;
+use crate::routing::prefix::chunk_hashes;
+use crate::workers::client::{Finish, GenerateDelta, SseDecoder, StreamAccumulator};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Most `n` a request may ask for.
+const MAX_N: usize = 16;
+
+/// Everything fixed once the request is accepted.
+struct Job {
+    endpoint: Endpoint,
+    params: GenParams,
+    prompt: Prompt,
+    id: String,
+    created: u64,
+    rids: Vec<String>,
+    started: Instant,
+}
+
+pub async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let route = match endpoint {
+        Endpoint::Chat => "chat_completions",
+        Endpoint::Completion => "completions",
+    };
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(String::from)
+        .unwrap_or_else(|| new_id("req"));
+    let mut resp = match run(&st, endpoint, &headers, body, started, &request_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(request_id = %request_id, route, status = e.status.as_u16(), error = %e.message, "request refused");
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    st.metrics.requests.with_label_values(&[route, resp.status().as_str()]).inc();
+    if resp.status() != StatusCode::OK || !is_event_stream(&resp) {
+        st.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    }
+    resp
+}
+
+fn is_event_stream(resp: &Response) -> bool {
+    resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// Read the body under the size limit.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::body_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("length limit") || text.contains("too large") {
+            ApiError::body_too_large(limit)
+        } else {
+            ApiError::invalid(format!("Could not read the request body: {text}"))
+        }
+    })
+}
+
+async fn run(
+    st: &Arc<AppState>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    crate::auth::check_api_key(&st.api_keys, headers)?;
+    let bytes = read_body(body, headers, st.cfg.max_body_bytes).await?;
+    let body: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))?;
+    let params = params::parse(&body, endpoint, MAX_N)?;
+    if params.model != st.model_name {
+        return Err(ApiError::model_not_found(&params.model, &st.model_name));
+    }
+    if endpoint == Endpoint::Chat {
+        match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => {}
+            Some(Value::Array(_)) => return Err(ApiError::invalid_param("messages", "`messages` must not be empty")),
+            _ => return Err(ApiError::invalid_param("messages", "`messages` must be an array of messages")),
+        }
+    }
+
+    let t0 = Instant::now();
+    let prompt = match endpoint {
+        Endpoint::Chat => st.prompts.chat(&body).await?,
+        Endpoint::Completion => st.prompts.completion(&body).await?,
+    };
+    let route = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
+    st.metrics.preprocess_seconds.with_label_values(&[route]).observe(t0.elapsed().as_secs_f64());
+    if prompt.input_ids.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    let max_new_tokens = max_new_tokens(st, &params, prompt.input_ids.len())?;
+
+    let session_key = headers
+        .get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+        .or_else(|| params.user.clone());
+    let hashes = chunk_hashes(&prompt.input_ids, st.cfg.prefix_chunk_tokens, &prompt.image_salts);
+
+    let rid_base = uuid::Uuid::new_v4().simple().to_string();
+    let rids: Vec<String> = (0..params.n).map(|i| format!("{rid_base}-{i}")).collect();
+    let bodies: Vec<Value> =
+        rids.iter().enumerate().map(|(i, rid)| worker_body(&params, &prompt, max_new_tokens, rid, i)).collect();
+    let accepted = dispatch(st, &bodies, &hashes, session_key.as_deref(), prompt.input_ids.len()).await?;
+    tracing::debug!(request_id, worker = %accepted.worker.url, reason = accepted.reason.as_str(), "routed");
+
+    let job = Job {
+        endpoint,
+        id: new_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
+        created: unix_now(),
+        params,
+        prompt,
+        rids,
+        started,
+    };
+    if job.params.stream {
+        Ok(stream_response(Arc::clone(st), job, accepted, request_id.to_string()))
+    } else {
+        collect_response(st, job, accepted, request_id).await
+    }
+}
+
+/// Tokens to generate: what the client asked for, else the default, within the context.
+fn max_new_tokens(st: &AppState, p: &GenParams, prompt_len: usize) -> Result<usize, ApiError> {
+    let Some(ctx) = st.context_length else {
+        return Ok(p.max_tokens.unwrap_or(st.cfg.default_max_tokens));
+    };
+    if prompt_len >= ctx {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_len} tokens."
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = ctx - prompt_len;
+    match p.max_tokens {
+        Some(m) if m > room => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {m} for the completion).",
+                prompt_len + m
+            ),
+        )
+        .with_code("context_length_exceeded")),
+        Some(m) => Ok(m),
+        None => Ok(st.cfg.default_max_tokens.min(room)),
+    }
+}
+
+/// The SGLang /generate body for choice `index`.
+fn worker_body(p: &GenParams, prompt: &Prompt, max_new_tokens: usize, rid: &str, index: usize) -> Value {
+    let mut sampling: Map<String, Value> = p.sampling.clone();
+    sampling.insert("max_new_tokens".into(), json!(max_new_tokens));
+    if let (Some(seed), true) = (p.seed, index > 0) {
+        // n > 1 with a seed: distinct but reproducible choices.
+        sampling.insert("sampling_seed".into(), json!(seed.wrapping_add(index as i64)));
+    }
+    let mut body = Map::new();
+    body.insert("rid".into(), json!(rid));
+    body.insert("input_ids".into(), json!(prompt.input_ids));
+    body.insert("sampling_params".into(), Value::Object(sampling));
+    body.insert("stream".into(), json!(p.stream));
+    if p.logprobs {
+        body.insert("return_logprob".into(), json!(true));
+        body.insert("top_logprobs_num".into(), json!(p.top_logprobs));
+        body.insert("return_text_in_logprobs".into(), json!(true));
+        // Only the generated tokens' logprobs: -1 starts after the prompt.
+        body.insert("logprob_start_len".into(), json!(-1));
+    }
+    for (k, v) in &prompt.worker_fields {
+        body.insert(k.clone(), v.clone());
+    }
+    Value::Object(body)
+}
+
+fn new_parser(job: &Job) -> Option<OutputParser> {
+    (job.endpoint == Endpoint::Chat).then(|| {
+        let tools = if job.params.parse_tool_calls { job.params.tools.as_ref() } else { None };
+        OutputParser::new(tools, job.params.separate_reasoning)
+            .with_prefilled_reasoning(job.prompt.reasoning_prefilled)
+            .with_tool_calls(job.params.parse_tool_calls)
+    })
+}
+
+/// The client-facing error for a generation the worker aborted.
+fn abort_error(message: &str, status: Option<u16>) -> ApiError {
+    match status {
+        Some(s) if (400..500).contains(&s) => {
+            let mut e = ApiError::invalid(message.to_string());
+            e.status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST);
+            e
+        }
+        _ => ApiError::upstream(format!("The worker aborted the request: {message}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-streaming
+
+async fn collect_response(
+    st: &Arc<AppState>,
+    job: Job,
+    accepted: Accepted,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let Accepted { worker, responses, slots, reason } = accepted;
+    let mut abort =
+        AbortOnDrop::new(st.client.clone(), worker.url.clone(), job.rids.clone(), st.metrics.client_aborts.clone());
+    let deadline = Duration::from_secs_f64(st.cfg.upstream_timeout_secs);
+    let mut choices = Vec::new();
+    let mut usage = Usage { prompt_tokens: job.prompt.input_ids.len(), ..Default::default() };
+    for (index, resp) in responses.into_iter().enumerate() {
+        let bytes = match tokio::time::timeout(deadline, resp.bytes()).await {
+            Err(_) => return Err(ApiError::timeout("The worker did not finish in time.")),
+            Ok(Err(e)) => return Err(ApiError::upstream(format!("Reading the worker's answer failed: {e}"))),
+            Ok(Ok(b)) => b,
+        };
+        abort.finished(&job.rids[index]);
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::upstream(format!("The worker's answer is not JSON: {e}")))?;
+        // SGLang answers a single request with an object (a list only for batches).
+        let v = match v {
+            Value::Array(mut items) if !items.is_empty() => items.swap_remove(0),
+            other => other,
+        };
+        let d: GenerateDelta = StreamAccumulator::default().push(&v).map_err(ApiError::upstream)?;
+        if let Some(Finish::Abort { message, status }) = &d.finish {
+            return Err(abort_error(message, *status));
+        }
+        usage.completion_tokens += d.completion_tokens;
+        usage.cached_tokens = usage.cached_tokens.max(d.cached_tokens);
+        usage.reasoning_tokens += d.reasoning_tokens;
+        choices.push(build_choice(&job, index, &d));
+    }
+    abort.disarm();
+    drop(slots);
+    if let Some(first) = choices.first() {
+        let _ = first;
+        st.metrics.ttft_seconds.observe(job.started.elapsed().as_secs_f64());
+    }
+    record_usage(st, &usage);
+    let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+    let body = json!({
+        "id": job.id, "object": object, "created": job.created, "model": job.params.model,
+        "system_fingerprint": null, "choices": choices, "usage": usage.to_json(),
+    });
+    tracing::info!(request_id, worker = %worker.url, reason = reason.as_str(), prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens, cached_tokens = usage.cached_tokens,
+        duration_ms = job.started.elapsed().as_millis() as u64, "request done");
+    Ok(json_response(&body))
+}
+
+fn build_choice(job: &Job, index: usize, d: &GenerateDelta) -> Value {
+    match new_parser(job) {
+        Some(parser) => {
+            let msg = parser.parse_complete(&d.text);
+            let called = !msg.tool_calls.is_empty();
+            let mut message = json!({"role": "assistant", "content": msg.content});
+            if called && msg.content.is_empty() {
+                message["content"] = Value::Null;
+            }
+            if let Some(r) = msg.reasoning_content {
+                message["reasoning_content"] = json!(r);
+            }
+            if called {
+                message["tool_calls"] = Value::Array(
+                    msg.tool_calls
+                        .iter()
+                        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect(),
+                );
+            }
+            let logprobs =
+                if job.params.logprobs { chat_logprobs(&d.logprobs, job.params.top_logprobs) } else { Value::Null };
+            json!({"index": index, "message": message, "logprobs": logprobs,
+                   "finish_reason": finish_reason(d.finish.as_ref(), called)})
+        }
+        None => {
+            let logprobs = if job.params.logprobs {
+                completion_logprobs(&d.logprobs, job.params.top_logprobs, 0)
+            } else {
+                Value::Null
+            };
+            json!({"index": index, "text": d.text, "logprobs": logprobs, "finish_reason": finish_reason(d.finish.as_ref(), false)})
+        }
+    }
+}
+
+fn record_usage(st: &AppState, u: &Usage) {
+    st.metrics.prompt_tokens.inc_by(u.prompt_tokens as u64);
+    st.metrics.completion_tokens.inc_by(u.completion_tokens as u64);
+    st.metrics.cached_tokens.inc_by(u.cached_tokens as u64);
+}
+
+fn json_response(v: &Value) -> Response {
+    let mut r = (StatusCode::OK, serde_json::to_vec(v).unwrap_or_default()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming
+
+/// Per-choice state of a streamed generation.
+struct ChoiceStream {
+    decoder: SseDecoder,
+    acc: StreamAccumulator,
+    parser: Option<OutputParser>,
+    finished: bool,
+    called_tools: bool,
+    text_offset: usize,
+    completion_tokens: usize,
+    reasoning_tokens: usize,
+    cached_tokens: usize,
+}
+
+fn stream_response(st: Arc<AppState>, job: Job, accepted: Accepted, request_id: String) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move { drive_stream(st, job, accepted, tx, request_id).await });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    }));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn sse(v: &Value) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    out.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+impl Job {
+    fn chunk(&self, choices: Value) -> Value {
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut c = json!({"id": self.id, "object": object, "created": self.created, "model": self.params.model,
+                           "system_fingerprint": null, "choices": choices});
+        if self.params.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn delta_chunk(&self, index: usize, delta: Value, logprobs: Value) -> Value {
+        if self.endpoint == Endpoint::Chat {
+            self.chunk(json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null}]))
+        } else {
+            let text = delta.get("content").cloned().unwrap_or(json!(""));
+            self.chunk(json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}]))
+        }
+    }
+}
+
+fn parsed_to_delta(d: ParsedDelta) -> (Value, bool) {
+    match d {
+        ParsedDelta::Content(t) => (json!({"content": t}), false),
+        ParsedDelta::Reasoning(t) => (json!({"reasoning_content": t}), false),
+        ParsedDelta::ToolCallStart { index, id, name } => (
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
+            true,
+        ),
+        ParsedDelta::ToolCallArguments { index, arguments } => {
+            (json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}), true)
+        }
+    }
+}
+
+async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc::Sender<Bytes>, request_id: String) {
+    let Accepted { worker, responses, slots, reason } = accepted;
+    let mut abort =
+        AbortOnDrop::new(st.client.clone(), worker.url.clone(), job.rids.clone(), st.metrics.client_aborts.clone());
+    let idle = Duration::from_secs_f64(st.cfg.upstream_timeout_secs);
+    let mut states: Vec<ChoiceStream> = (0..responses.len())
+        .map(|_| ChoiceStream {
+            decoder: SseDecoder::default(),
+            acc: StreamAccumulator::default(),
+            parser: new_parser(&job),
+            finished: false,
+            called_tools: false,
+            text_offset: 0,
+            completion_tokens: 0,
+            reasoning_tokens: 0,
+            cached_tokens: 0,
+        })
+        .collect();
+    let mut merged = futures_util::stream::select_all(
+        responses.into_iter().enumerate().map(|(i, r)| r.bytes_stream().map(move |item| (i, item)).boxed()),
+    );
+
+    // Opening chunk per choice, as OpenAI sends it.
+    for i in 0..states.len() {
+        let opening = if job.endpoint == Endpoint::Chat {
+            job.delta_chunk(i, json!({"role": "assistant", "content": ""}), Value::Null)
+        } else {
+            continue;
+        };
+        if tx.send(sse(&opening)).await.is_err() {
+            return; // client gone; `abort` fires on drop
+        }
+    }
+
+    let mut first_token_at: Option<Instant> = None;
+    let mut last_token_at: Option<Instant> = None;
+    let mut failure: Option<ApiError> = None;
+    while states.iter().any(|s| !s.finished) {
+        let next = tokio::select! {
+            _ = tx.closed() => return, // client disconnected: drop aborts the worker requests
+            n = tokio::time::timeout(idle, merged.next()) => n,
+        };
+        let (i, item) = match next {
+            Err(_) => {
+                failure = Some(ApiError::timeout("The worker stopped sending tokens."));
+                break;
+            }
+            Ok(None) => {
+                if states.iter().any(|s| !s.finished) {
+                    failure = Some(ApiError::upstream("The worker closed the stream before finishing."));
+                }
+                break;
+            }
+            Ok(Some(x)) => x,
+        };
+        let bytes = match item {
+            Ok(b) => b,
+            Err(e) => {
+                failure = Some(ApiError::upstream(format!("The worker's stream broke: {e}")));
+                break;
+            }
+        };
+        for payload in states[i].decoder.push(&bytes) {
+            if payload.trim() == "[DONE]" || states[i].finished {
+                continue;
+            }
+            let event: Value = match serde_json::from_str(&payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    failure = Some(ApiError::upstream(format!("Bad event from the worker: {e}")));
+                    break;
+                }
+            };
+            let d = match states[i].acc.push(&event) {
+                Ok(d) => d,
+                Err(e) => {
+                    failure = Some(ApiError::upstream(e));
+                    break;
+                }
+            };
+            if d.new_tokens > 0 {
+                let now = Instant::now();
+                match last_token_at {
+                    None => st.metrics.ttft_seconds.observe(job.started.elapsed().as_secs_f64()),
+                    Some(prev) => {
+                        let per = now.duration_since(prev).as_secs_f64() / d.new_tokens as f64;
+                        for _ in 0..d.new_tokens.min(64) {
+                            st.metrics.itl_seconds.observe(per);
+                        }
+                    }
+                }
+                first_token_at.get_or_insert(now);
+                last_token_at = Some(now);
+            }
+            if let Some(Finish::Abort { message, status }) = &d.finish {
+                failure = Some(abort_error(message, *status));
+                states[i].finished = true;
+                abort.finished(&job.rids[i]);
+                break;
+            }
+            let chunks = step_chunks(&job, i, &mut states[i], &d);
+            for c in chunks {
+                if tx.send(sse(&c)).await.is_err() {
+                    return;
+                }
+            }
+            if d.finish.is_some() {
+                states[i].finished = true;
+                abort.finished(&job.rids[i]);
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+    }
+
+    let usage = Usage {
+        prompt_tokens: job.prompt.input_ids.len(),
+        completion_tokens: states.iter().map(|s| s.completion_tokens).sum(),
+        cached_tokens: states.iter().map(|s| s.cached_tokens).max().unwrap_or(0),
+        reasoning_tokens: states.iter().map(|s| s.reasoning_tokens).sum(),
+    };
+    record_usage(&st, &usage);
+    if let Some(err) = &failure {
+        tracing::warn!(request_id = %request_id, worker = %worker.url, error = %err.message, "stream failed");
+        let _ = tx.send(sse(&err.to_json())).await;
+    } else {
+        abort.disarm();
+        if job.params.include_usage {
+            let mut c = job.chunk(json!([]));
+            c["usage"] = usage.to_json();
+            let _ = tx.send(sse(&c)).await;
+        }
+    }
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    drop(slots);
+    let route = if job.endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
+    st.metrics.request_seconds.with_label_values(&[route]).observe(job.started.elapsed().as_secs_f64());
+    tracing::info!(request_id = %request_id, worker = %worker.url, reason = reason.as_str(), stream = true,
+        prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,
+        cached_tokens = usage.cached_tokens, failed = failure.is_some(),
+        duration_ms = job.started.elapsed().as_millis() as u64, "request done");
+}
+
+/// The chunks one worker event produces for choice `i`.
+fn step_chunks(job: &Job, i: usize, s: &mut ChoiceStream, d: &GenerateDelta) -> Vec<Value> {
+    s.completion_tokens = d.completion_tokens.max(s.completion_tokens);
+    s.reasoning_tokens = d.reasoning_tokens.max(s.reasoning_tokens);
+    s.cached_tokens = d.cached_tokens.max(s.cached_tokens);
+    let mut logprobs = if job.params.logprobs && !d.logprobs.is_empty() {
+        match job.endpoint {
+            Endpoint::Chat => chat_logprobs(&d.logprobs, job.params.top_logprobs),
+            Endpoint::Completion => completion_logprobs(&d.logprobs, job.params.top_logprobs, s.text_offset),
+        }
+    } else {
+        Value::Null
+    };
+    let mut out = Vec::new();
+    let mut deltas: Vec<Value> = Vec::new();
+    match s.parser.as_mut() {
+        Some(p) => {
+            let mut parsed = p.push(&d.text);
+            if d.finish.is_some() {
+                parsed.extend(p.finish());
+            }
+            for pd in parsed {
+                let (delta, tool) = parsed_to_delta(pd);
+                s.called_tools |= tool;
+                deltas.push(delta);
+            }
+        }
+        None => {
+            if !d.text.is_empty() {
+                deltas.push(json!({"content": d.text}));
+            }
+        }
+    }
+    s.text_offset += d.text.len();
+    for delta in deltas {
+        out.push(job.delta_chunk(i, delta, std::mem::take(&mut logprobs)));
+    }
+    if !logprobs.is_null() {
+        // Tokens whose text the parser still holds back: report their logprobs anyway.
+        let empty = if job.endpoint == Endpoint::Chat { json!({}) } else { json!({"content": ""}) };
+        out.push(job.delta_chunk(i, empty, logprobs));
+    }
+    if d.finish.is_some() {
+        let reason = finish_reason(d.finish.as_ref(), s.called_tools);
+        let choice = if job.endpoint == Endpoint::Chat {
+            json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}])
+        } else {
+            json!([{"index": i, "text": "", "logprobs": null, "finish_reason": reason}])
+        };
+        out.push(job.chunk(choice));
+    }
+    out
+}

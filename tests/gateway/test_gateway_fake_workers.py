@@ -1,0 +1,461 @@
+"""End-to-end tests of the Rust gateway through the official `openai` client, in front of fake
+SGLang workers (tests/gateway/fake_worker.py): API shape, streaming, parsing, errors, routing
+affinity, failover, breaker, overload, client disconnects, admin API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import MODEL, wait_until
+
+NS = "]<]minimax[>["
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            },
+        },
+    }
+]
+TOOL_REPLY = (
+    f'<mm:think>Need the weather.</mm:think>Let me check.{NS}<tool_call>\n{NS}<invoke name="get_weather">\n'
+    f"{NS}<city>Paris{NS}</city>\n{NS}<days>3{NS}</days>\n{NS}</invoke>\n{NS}</tool_call>"
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def client(gw, key: str = "none", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+
+def chat(c, content="Hi there", **kw):
+    return c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_chat_non_streaming_maps_fields_and_reports_usage(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url])
+    r = chat(
+        client(gw), temperature=0.3, top_p=0.9, max_tokens=50, stop=["END"], seed=11, extra_body={"top_k": 5}
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.content == "Hello from the fake worker."
+    assert r.choices[0].finish_reason == "stop"
+    prompt = "<|user|>\nHi there\n<|assistant|>\n"
+    assert r.usage.prompt_tokens == len(prompt.encode())
+    assert r.usage.completion_tokens == 7  # 27 chars in 4-char pieces
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    sent = w.requests[-1]
+    assert sent["input_ids"] == list(prompt.encode())
+    sp = sent["sampling_params"]
+    assert (
+        sp["temperature"],
+        sp["top_p"],
+        sp["max_new_tokens"],
+        sp["stop"],
+        sp["sampling_seed"],
+        sp["top_k"],
+    ) == (0.3, 0.9, 50, ["END"], 11, 5)
+    assert sp["skip_special_tokens"] is False and sent["stream"] is False and sent["rid"]
+
+
+def test_chat_streaming_with_include_usage(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url])
+    chunks = list(chat(client(gw), stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake worker."
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_streaming_works_with_cumulative_and_incremental_workers(fake_workers, start_gateway, incremental):
+    (w,) = fake_workers(1)
+    w.configure(reply="abcdefghij" * 5, piece_chars=3, incremental=incremental)
+    gw = start_gateway([w.url])
+    chunks = list(chat(client(gw), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "abcdefghij" * 5
+
+
+def test_reasoning_and_tool_calls_non_streaming(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    w.configure(reply=TOOL_REPLY)
+    gw = start_gateway([w.url])
+    r = chat(client(gw), "Weather in Paris?", tools=TOOLS)
+    m = r.choices[0].message
+    assert m.reasoning_content == "Need the weather."
+    assert m.content == "Let me check."
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert m.tool_calls[0].function.name == "get_weather"
+    assert json.loads(m.tool_calls[0].function.arguments) == {"city": "Paris", "days": 3}
+    assert m.tool_calls[0].id.startswith("call_")
+
+
+@pytest.mark.parametrize("piece_chars", [1, 5])
+def test_reasoning_and_tool_calls_streaming_token_by_token(fake_workers, start_gateway, piece_chars):
+    (w,) = fake_workers(1)
+    w.configure(reply=TOOL_REPLY, piece_chars=piece_chars)
+    gw = start_gateway([w.url])
+    chunks = list(chat(client(gw), "Weather?", tools=TOOLS, stream=True))
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for tc in c.choices[0].delta.tool_calls or []:
+            d = calls.setdefault(tc.index, {"name": "", "args": "", "id": None})
+            d["id"] = d["id"] or tc.id
+            d["name"] += (tc.function.name or "") if tc.function else ""
+            d["args"] += (tc.function.arguments or "") if tc.function else ""
+    assert reasoning == "Need the weather." and content == "Let me check."
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[0]["args"]) == {"city": "Paris", "days": 3}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert NS not in content
+
+
+def test_tool_choice_none_keeps_text(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    w.configure(reply=f"{NS}<tool_call>x")
+    gw = start_gateway([w.url])
+    r = chat(client(gw), tools=TOOLS, tool_choice="none")
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content == f"{NS}<tool_call>x"
+
+
+def test_logprobs_n_and_response_format(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = chat(
+        client(gw),
+        logprobs=True,
+        top_logprobs=2,
+        n=3,
+        seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == 7 and lp[0].token == "Hell" and len(lp[0].top_logprobs) == 2
+    assert abs(lp[0].logprob + 0.1) < 1e-9
+    assert r.usage.completion_tokens == 21
+    sent = w.requests[-3:]
+    assert sorted(b["sampling_params"]["sampling_seed"] for b in sent) == [5, 6, 7]
+    assert json.loads(sent[0]["sampling_params"]["json_schema"]) == schema
+    assert all(b["return_logprob"] and b["top_logprobs_num"] == 2 for b in sent)
+    # json_object -> a generic object schema
+    chat(client(gw), response_format={"type": "json_object"})
+    assert json.loads(w.requests[-1]["sampling_params"]["json_schema"]) == {"type": "object"}
+
+
+def test_streaming_logprobs_and_n(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url])
+    chunks = list(chat(client(gw), stream=True, n=2, logprobs=True, stream_options={"include_usage": True}))
+    per = {0: "", 1: ""}
+    tokens = 0
+    for c in chunks:
+        for ch in c.choices:
+            per[ch.index] += ch.delta.content or ""
+            tokens += len(ch.logprobs.content) if ch.logprobs else 0
+    assert per == {0: "Hello from the fake worker.", 1: "Hello from the fake worker."}
+    assert tokens == 14
+    assert chunks[-1].usage.completion_tokens == 14
+
+
+def test_length_finish_and_completions_endpoint(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url])
+    c = client(gw)
+    r = chat(c, max_completion_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == "Hell" + "o fr"
+    r = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, logprobs=1)
+    assert r.object == "text_completion" and r.choices[0].text == "Hello from "
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].logprobs.tokens == ["Hell", "o fr", "om t"][:3] or r.choices[0].logprobs.tokens
+    assert w.requests[-1]["input_ids"] == list(b"Once upon")
+    assert "skip_special_tokens" not in w.requests[-1]["sampling_params"]
+    text = "".join(
+        ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt=[1, 2, 3], stream=True)
+    )
+    assert text == "Hello from the fake worker."
+    assert w.requests[-1]["input_ids"] == [1, 2, 3]
+
+
+def test_models_health_metrics(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url], "--context-length", "4096")
+    models = client(gw).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    h = httpx.get(gw.url + "/health").json()
+    assert h["healthy_workers"] == 1
+    chat(client(gw))
+    text = gw.metrics()
+    for name in [
+        "m3gw_requests_total",
+        "m3gw_time_to_first_token_seconds_bucket",
+        "m3gw_preprocess_seconds_bucket",
+        "m3gw_worker_in_flight",
+        "m3gw_routing_decisions_total",
+        "m3gw_prompt_tokens_total",
+        "m3gw_inter_token_latency_seconds_bucket",
+        "m3gw_affinity_matched_tokens_total",
+    ]:
+        assert name in text, name
+    assert 'm3gw_requests_total{route="chat_completions",status="200"} 1' in text
+    # structured logs: one JSON object per line with the request's numbers
+    done = [json.loads(line) for line in gw.log().splitlines() if '"request done"' in line]
+    assert done and done[-1]["completion_tokens"] == 7
+
+
+def test_bad_input_gets_4xx_and_gateway_keeps_serving(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url], "--context-length", "200", "--max-body-mb", "0.01")
+    url = gw.url + "/v1/chat/completions"
+    ok_body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+    def post(body, **kw):
+        return httpx.post(
+            url, content=body if isinstance(body, bytes) else json.dumps(body), timeout=10, **kw
+        )
+
+    cases = [
+        (b"{not json", 400, None),
+        ({**ok_body, "model": "gpt-4"}, 404, "model"),
+        ({**ok_body, "temperature": 9}, 400, "temperature"),
+        ({**ok_body, "messages": []}, 400, "messages"),
+        ({"model": MODEL}, 400, "messages"),
+        ({**ok_body, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages"),
+        ({**ok_body, "max_tokens": 190}, 400, "max_tokens"),
+        (json.dumps({**ok_body, "pad": "y" * 20000}).encode(), 413, None),
+        ({**ok_body, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ]
+    for body, status, param in cases:
+        r = post(body)
+        assert r.status_code == status, (body if isinstance(body, dict) else body[:40], r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert err["param"] == param
+    assert (
+        post({**ok_body, "messages": [{"role": "user", "content": "x" * 300}]}).json()["error"]["code"]
+        == "context_length_exceeded"
+    )
+    r = httpx.get(gw.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # The openai client maps them to its exception types.
+    with pytest.raises(openai.NotFoundError):
+        client(gw).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        chat(client(gw), temperature=-1)
+    # ... and normal traffic still works.
+    assert post(ok_body).status_code == 200
+    assert gw.proc.poll() is None
+
+
+def test_concurrent_bad_and_good_clients(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    w.configure(token_delay=0.01)
+    gw = start_gateway([w.url])
+    results: list[int] = []
+
+    def good():
+        results.append(len(chat(client(gw)).choices))
+
+    def bad():
+        r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": ', timeout=10)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=good if i % 2 else bad) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [1] * 10 + [400] * 10
+
+
+def test_api_keys(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url], "--api-key", "secret-1", env={"M3SERVE_API_KEY": "secret-2"})
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(gw, key="wrong"))
+    assert chat(client(gw, key="secret-1")).choices
+    assert chat(client(gw, key="secret-2")).choices
+    r = httpx.get(gw.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(gw.url + "/health").status_code == 200  # probes need no key
+
+
+def test_worker_client_error_is_passed_through(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    w.configure(status=400, error_message="input too long for this worker")
+    gw = start_gateway([w.url])
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client(gw))
+    assert "input too long for this worker" in str(e.value)
+
+
+def test_prefix_affinity_and_sessions(fake_workers, start_gateway):
+    workers = fake_workers(3)
+    gw = start_gateway([w.url for w in workers])
+    c = client(gw)
+    system = "You are an agent. " * 40  # ~720 bytes: 5 full 128-token chunks
+    served_by = []
+    for conv in range(3):
+        history = [{"role": "system", "content": f"[conv {conv}] " + system}]
+        for turn in range(4):
+            history.append({"role": "user", "content": f"turn {turn}"})
+            r = c.chat.completions.create(model=MODEL, messages=history)
+            history.append({"role": "assistant", "content": r.choices[0].message.content})
+            owner = [
+                i
+                for i, w in enumerate(workers)
+                if w.requests and w.requests[-1]["rid"] in {b["rid"] for b in w.requests}
+            ]
+            served_by.append((conv, turn, max(owner, key=lambda i: len(workers[i].requests))))
+            if turn > 0:
+                assert r.usage.prompt_tokens_details.cached_tokens >= 640, (conv, turn)
+    # each worker got exactly one conversation (4 turns each): affinity and spreading
+    assert sorted(len(w.requests) for w in workers) == [4, 4, 4]
+    assert gw.metric("m3gw_affinity_matched_tokens_total") > 0
+    # session header: sticky even for unrelated prompts
+    for i in range(4):
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"q{i}"}],
+            extra_headers={"x-session-id": "agent-7"},
+        )
+    counts = [len(w.requests) for w in workers]
+    assert sorted(counts) == [4, 4, 8]
+
+
+def test_failover_when_a_worker_dies(fake_workers, start_gateway):
+    a, b = fake_workers(2)
+    gw = start_gateway([a.url, b.url], "--health-interval", "30")
+    c = client(gw)
+    for i in range(4):
+        chat(c, f"warm {i}")
+    a.stop()
+    for i in range(10):
+        r = chat(c, f"after {i}")
+        assert r.choices[0].message.content == "Hello from the fake worker."
+    assert gw.metric("m3gw_upstream_retries_total") >= 1
+    assert len(b.requests) >= 10
+
+
+def test_breaker_opens_on_failing_worker(fake_workers, start_gateway):
+    a, b = fake_workers(2)
+    a.configure(status=500)
+    gw = start_gateway(
+        [a.url, b.url], "--breaker-threshold", "2", "--breaker-open-secs", "60", "--health-interval", "60"
+    )
+    c = client(gw)
+    codes = []
+    for i in range(12):
+        try:
+            chat(c, f"q{i}")
+            codes.append(200)
+        except openai.APIStatusError as e:
+            codes.append(e.status_code)
+    assert codes.count(502) == 2, codes  # two failures open the breaker, then only b serves
+    assert codes[-6:] == [200] * 6
+    workers = httpx.get(gw.url + "/admin/workers").status_code
+    assert workers == 403  # admin disabled without a key
+    assert 'm3gw_worker_breaker_open{worker="' + a.url + '"} 1' in gw.metrics()
+
+
+def test_no_worker_and_overload(fake_workers, start_gateway):
+    gw = start_gateway([], "--admin-key", "adm", expect_ready=False)
+    r = httpx.post(
+        gw.url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert httpx.get(gw.url + "/health").status_code == 503
+
+    (w,) = fake_workers(1)
+    w.configure(first_delay=1.5)
+    gw2 = start_gateway([w.url], "--max-inflight-per-worker", "1")
+    statuses: list[int] = []
+
+    def call():
+        r = httpx.post(
+            gw2.url + "/v1/chat/completions",
+            timeout=10,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1"
+
+    ts = [threading.Thread(target=call) for _ in range(3)]
+    for t in ts:
+        t.start()
+        time.sleep(0.1)
+    for t in ts:
+        t.join(15)
+    assert sorted(statuses) == [200, 429, 429]
+
+
+def test_upstream_timeout_is_504(fake_workers, start_gateway):
+    (w,) = fake_workers(1)
+    w.configure(hang=True)
+    gw = start_gateway([w.url], "--upstream-timeout", "1")
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert w.wait_for_abort(), "the hung request is aborted on the worker"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_on_worker(fake_workers, start_gateway, stream):
+    (w,) = fake_workers(1)
+    w.configure(reply="x" * 400, piece_chars=1, first_delay=0.3 if not stream else 0.0, token_delay=0.05)
+    gw = start_gateway([w.url])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "stream": stream}
+    with httpx.Client(timeout=10) as h:
+        if stream:
+            with h.stream("POST", gw.url + "/v1/chat/completions", json=body) as r:
+                for _ in zip(range(3), r.iter_lines(), strict=False):
+                    pass
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                h.post(gw.url + "/v1/chat/completions", json=body, timeout=0.5)
+    aborted = w.wait_for_abort(10)
+    assert aborted == [w.requests[-1]["rid"]]
+    assert wait_until(lambda: gw.metric("m3gw_client_disconnects_total") == 1, 5)
+
+
+def test_admin_api_adds_and_removes_workers(fake_workers, start_gateway):
+    a, b = fake_workers(2)
+    gw = start_gateway([a.url], "--admin-key", "adm")
+    hdr = {"Authorization": "Bearer adm"}
+    assert httpx.get(gw.url + "/admin/workers").status_code == 401
+    r = httpx.post(gw.url + "/admin/workers", json={"url": b.url}, headers=hdr)
+    assert r.status_code == 201 and r.json()["worker"]["source"] == "admin"
+    assert httpx.post(gw.url + "/admin/workers", json={"url": b.url}, headers=hdr).status_code == 200
+    assert httpx.post(gw.url + "/admin/workers", json={"url": "ftp://x"}, headers=hdr).status_code == 400
+    urls = [x["url"] for x in httpx.get(gw.url + "/admin/workers", headers=hdr).json()["workers"]]
+    assert urls == [a.url, b.url]
+    r = httpx.request("DELETE", gw.url + "/admin/workers", json={"url": a.url}, headers=hdr)
+    assert r.status_code == 200
+    for i in range(3):
+        chat(client(gw), f"x{i}")
+    assert len(a.requests) == 0 and len(b.requests) == 3
+    r = httpx.delete(gw.url + "/admin/workers", params={"url": a.url}, headers={"x-admin-key": "adm"})
+    assert r.status_code == 404
