@@ -72,6 +72,7 @@ def register() -> None:
     for target, hook, kind in hooks():
         _check_target(target)
         HookRegistry.register(target, hook, HookType[kind])
+    sparse_attention.remember_unpatched(pkgutil.resolve_name(sparse_attention.BACKEND))
     try:
         handoff = importlib.import_module("m3serve.plugin.mm_handoff")
     except ModuleNotFoundError as e:

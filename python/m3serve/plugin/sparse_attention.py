@@ -39,10 +39,22 @@ def _msa():
     return msa_kernels
 
 
+_UNPATCHED: dict[str, object] = {}  # the backend's methods before HookRegistry replaced them
+
+
+def remember_unpatched(backend_cls) -> None:
+    """Called at plugin registration, before the hooks are applied."""
+    _UNPATCHED.update(forward_extend=backend_cls.forward_extend, forward_decode=backend_cls.forward_decode)
+
+
 def check_backend(result, backend, *args, **kwargs) -> None:
     """AFTER hook on MiniMaxSparseAttnBackend.__init__: refuse setups msa_kernels cannot serve."""
     msa = _msa()
     problems = []
+    for name, original in _UNPATCHED.items():
+        # HookRegistry logs (invisibly, this early) instead of raising when a hook fails to apply.
+        if getattr(type(backend), name) is original:
+            problems.append(f"the REPLACE hook on MiniMaxSparseAttnBackend.{name} was not applied")
     if backend.page_size != msa.BLOCK_SIZE:
         problems.append(f"page size is {backend.page_size}, expected {msa.BLOCK_SIZE} (pass --page-size 128)")
     if backend.block_size_k != msa.BLOCK_SIZE:

@@ -8,6 +8,7 @@ SIGKILL after a grace period) and waits until the group is empty: no orphans.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +18,33 @@ import urllib.request
 from pathlib import Path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on `host` right now, chosen below the ephemeral range.
+
+    Why not bind(0): that hands out an ephemeral port, and while the server is still starting, polling
+    it (or any outgoing connection) can be given the same port as its *local* end (on loopback a
+    connect to a port nobody listens on can even connect to itself), so the server then fails with
+    "address already in use". Ports below the ephemeral range are never handed out that way.
+    """
+    lo, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, lo - 12000), lo)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found on {host} below {lo}")
 
 
 class ManagedProcess:
