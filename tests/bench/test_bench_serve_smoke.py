@@ -30,11 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Off until `m3serve serve` (gateway + worker) runs end to end; then the lead turns it on for good by
+# changing the default below. M3BENCH_SERVE_SMOKE=1 runs it now.
+# Status at 10:15 UTC: serve.py was in progress (not committed); with the gateway it stopped at start-up
+# (`m3serve._gateway` had no `serve`); with --no-gateway the client ran fine against the tiny M3 worker.
+ENABLED = os.environ.get("M3BENCH_SERVE_SMOKE", "0") == "1"
+
+
 def _serve_ready() -> str | None:
     """Why the test cannot run yet, or None."""
     if importlib.util.find_spec("m3serve.serving.serve") is None:
-        return ("`m3serve serve` is not implemented yet (python/m3serve/serving/serve.py is missing); "
-                "enable this test when it lands")
+        return "`m3serve serve` is not implemented yet (python/m3serve/serving/serve.py is missing)"
+    if not ENABLED:
+        return ("`m3serve serve` did not yet run end to end (gateway start-up) when this test was written; "
+                "set M3BENCH_SERVE_SMOKE=1 to run it")
     return None
 
 
