@@ -164,16 +164,22 @@ def ceilings() -> tuple[float, float]:
 
 
 def bench_decode(bw, quick) -> None:
-    runs = []
+    runs = []  # (hq, hkv, cache dtype, batch, context, fused merge, env overrides)
     for hq, hkv in ((64, 4), (16, 1)):
         for cd in (None, torch.float8_e4m3fn):
             for batch in (1, 8, 32):
                 for n_ctx in ((8192, 60000) if cd is None and not quick else (60000,)):
                     for fm in ((True, False) if cd is None and n_ctx == 60000 else (True,)):
-                        runs.append((hq, hkv, cd, batch, n_ctx, fm, None))
-    for chunk, nsplit in ((128, 4), (128, 8), (128, 16), (64, 16), (64, 32)):
-        runs.append((64, 4, None, 1, 60000, True, (chunk, nsplit)))
-        runs.append((16, 1, None, 1, 60000, True, (chunk, nsplit)))
+                        runs.append((hq, hkv, cd, batch, n_ctx, fm, {}))
+    sweep = {1: ((128, 4), (128, 8), (128, 16), (64, 8), (64, 16), (64, 32)),
+             8: ((128, 4), (128, 8), (64, 8), (64, 16)), 32: ((128, 2), (128, 4), (64, 2), (64, 4))}
+    for batch, cfgs in sweep.items():
+        for hq, hkv in ((64, 4), (16, 1)):
+            for chunk, nsplit in cfgs:
+                for stages in (2, 3):
+                    env = {"MSA_DECODE_CHUNK": chunk, "MSA_DECODE_NSPLIT": nsplit, "MSA_DECODE_STAGES": stages}
+                    runs.append((hq, hkv, None, batch, 60000, True, env))
+        runs.append((64, 4, torch.float8_e4m3fn, batch, 60000, True, {"MSA_DECODE_STAGES": 2}))
     cache = {}
     for hq, hkv, cd, batch, n_ctx, fm, cfg in runs:
         if out_of_time(f"decode {hq}/{hkv} B{batch} N{n_ctx} {cfg}"):
@@ -187,8 +193,8 @@ def bench_decode(bw, quick) -> None:
             sels = [random_selection(c.plan.q_pos.cpu(), hkv, "random", gen).cuda() for _ in range(16)]
             cache[key] = (c, sels)
         c, sels = cache[key]
-        if cfg:
-            os.environ["MSA_DECODE_CHUNK"], os.environ["MSA_DECODE_NSPLIT"] = str(cfg[0]), str(cfg[1])
+        for name, val in cfg.items():
+            os.environ[name] = str(val)
         elt = 1 if cd else 2
         byts = batch * hkv * 16 * BLOCK_SIZE * 128 * 2 * elt + 2 * c.q.numel() * 2
         calls = [
@@ -201,17 +207,18 @@ def bench_decode(bw, quick) -> None:
         err = rel_error(calls[-1](), gathered_reference(type(c)(c.plan, c.q, c.k_cache, c.v_cache, sels[-1],
                                                                   c.k_scale, c.v_scale)))
         used = decode_attention.decode_config(batch * hkv, 16)
-        os.environ.pop("MSA_DECODE_CHUNK", None)
-        os.environ.pop("MSA_DECODE_NSPLIT", None)
+        for name in cfg:
+            os.environ.pop(name, None)
         log(kind="decode", heads=f"{hq}/{hkv}", kv="fp8" if cd else "bf16", B=batch, N=n_ctx, fused=fm,
-            chunk=used[0], nsplit=used[1], us=us, bytes_lb_us=byts / bw * 1e6, frac_bw=byts / bw * 1e6 / us,
+            chunk=used[0], nsplit=used[1], stages=cfg.get("MSA_DECODE_STAGES", 3), us=us,
+            bytes_lb_us=byts / bw * 1e6, frac_bw=byts / bw * 1e6 / us,
             rel_err=err)
     cache.clear()
 
 
 def bench_extend(fl, quick) -> None:
     runs = [  # heads, kv dtype, batch, union_max variants, stage variants
-        (64, 4, None, 1, (None, 10**9, -1), (2, 3)),
+        (64, 4, None, 1, (None, 10**9, -1, 24, 64), (2, 3)),
         (64, 4, None, 8, (None,), (2,)),
         (16, 1, None, 1, (None,), (2,)),
         (8, 1, None, 1, (None,), (2,)),

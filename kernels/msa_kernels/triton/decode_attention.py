@@ -48,7 +48,8 @@ def _decode_kernel(
     stride_ot, stride_oh,
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, UPP_P2: tl.constexpr,
+    DC: tl.constexpr, S2: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -65,18 +66,22 @@ def _decode_kernel(
     )
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
     UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
+    # This program's units, and their pages, looked up all at once up front: the loop below then issues
+    # its K/V loads without waiting on a dependent selection -> page-table -> K chain per unit.
+    uu = tl.arange(0, UPP_P2)
+    u = split * UPP + uu
+    u_j = u // UPB
+    blks = tl.load(sel_ptr + b * stride_st + kvh * stride_sh + u_j, mask=(uu < UPP) & (u_j < TOPK), other=-1)
+    pages = tl.load(page_ptr + b * stride_pb + tl.maximum(blks, 0), mask=blks >= 0, other=0)
+    key0 = blks * BLOCK + (u % UPB) * CHUNK  # first key position of each unit (< 0: no unit)
+    slot0 = pages * BLOCK + (u % UPB) * CHUNK
     m_i = tl.full([GPAD], NEG_BIG, tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
     acc = tl.zeros([GPAD, D], tl.float32)
-    sel_row = sel_ptr + b * stride_st + kvh * stride_sh
-    for u in range(split * UPP, split * UPP + UPP):
-        j = u // UPB
-        sub = u % UPB
-        blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
-        page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
-        tok = sub * CHUNK + n
-        valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
-        slot = page * BLOCK + tok
+    for i in range(UPP):
+        key_start = tl.sum(tl.where(uu == i, key0, 0), 0)
+        slot = tl.sum(tl.where(uu == i, slot0, 0), 0).to(tl.int64) + n
+        valid = (key_start >= 0) & (key_start + n < seq_len)
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
                     mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
@@ -106,7 +111,7 @@ def _decode_kernel(
             ticket = tl.atomic_add(ticket_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
             if ticket == NSPLIT - 1:
                 merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
-                               out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
+                               out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D, DC, S2)
                 tl.atomic_xchg(ticket_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
@@ -114,12 +119,13 @@ def _decode_kernel(
 def _merge_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+    DC: tl.constexpr, S2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
     merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
-                   out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
+                   out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D, DC, S2)
 
 
 def decode_config(pairs: int, topk: int) -> tuple[int, int]:
@@ -193,15 +199,21 @@ def sparse_attention(
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
     part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
+    upp = cdiv(topk * (BLOCK_SIZE // chunk), nsplit)
+    num_warps = 4
+    # merge columns per step: keep the [NSPLIT, GPAD, DC] partial tile at <= 64 fp32 registers per thread
+    dc = max(16, min(dim, next_pow2(max(1, 64 * 32 * num_warps // (next_pow2(nsplit) * gpad)))))
+    num_stages = int(os.environ.get("MSA_DECODE_STAGES", 3))
     _decode_kernel[(pairs, nsplit)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        FUSED_MERGE=fused_merge, num_warps=4, num_stages=3,
+        UPP_P2=next_pow2(upp), DC=dc, S2=next_pow2(nsplit), FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages,
     )
     if nsplit > 1 and not fused_merge:
         _merge_kernel[(pairs,)](part_o, part_lse, out, out.stride(0), out.stride(1),
-                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, num_warps=4)
+                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, DC=dc, S2=next_pow2(nsplit),
+                                num_warps=num_warps)
     return out

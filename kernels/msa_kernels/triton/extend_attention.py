@@ -41,17 +41,14 @@ import triton.language as tl
 
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
-from ._attn_common import NEG_BIG, cdiv, check_attention_inputs, is_fp8, next_pow2, score_scale
-from ._attn_kvmajor import kv_major_kernel, merge_kernel
+from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, next_pow2, score_scale
+from ._attn_kvmajor import kv_major_pass
 
 _ROWS = 128  # MMA rows per tile: queries x heads of one KV group
 # A tile whose union holds more blocks than this goes to the KV-major pass. Cost per tile in units of one
 # 128x128x128 QK+PV step: the union walk pays |union|; the KV-major pass pays ~QG*16/QB*1.2 ~ 20 steps of
 # MMA plus ~20 steps' worth of partial traffic (QG*16 partials of G x 128 x 2 B, written and read).
 UNION_MAX = 40
-_KEY_SHIFT = 20  # sort key = ((request * Hkv + kv head) << 20) | block: up to 2^20 blocks (134M tokens)
-_NOT_OURS = 1 << 62
-_CHUNK_TOKENS = 2048  # queries per KV-major pass: bounds the partials (2048 x Hq x 16 x 128 x 2 B)
 
 
 @triton.jit
@@ -69,7 +66,7 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
-    union_ptr, bits_ptr, wide_ptr, out_ptr,
+    union_ptr, bits_ptr, pages_ptr, wide_ptr, out_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
     stride_ot, stride_oh,
     qk_scale, v_scale, union_max,
@@ -85,6 +82,17 @@ def _extend_kernel(
     page_row = page_ptr + req * stride_pb
     sel_tile = sel_ptr + q0.to(tl.int64) * stride_st + kvh * stride_sh
 
+    # ---- The query tile (row r: query q0 + r // G, head kvh * G + r % G), loaded first so its latency
+    # hides behind the union step.
+    r = tl.arange(0, M)
+    r_q = r // G
+    row_ok = (r_q < qn) & (r < QG * G)
+    t = (q0 + r_q).to(tl.int64)
+    cols = tl.arange(0, D)
+    n = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + (kvh * G + r % G)[:, None] * stride_qh + cols[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(qpos_ptr + t, mask=row_ok, other=-1)
     # ---- The union of the tile's selections, and for each member the bitmask of queries that chose it.
     e = tl.arange(0, E)
     e_q = e // TOPK_P2
@@ -108,6 +116,8 @@ def _extend_kernel(
     scratch = (tile * HKV + kvh) * E
     tl.store(union_ptr + scratch + dest, x, mask=keep)
     tl.store(bits_ptr + scratch + dest, bits, mask=keep)
+    # page ids looked up here, all at once, so the block loops below carry no dependent page-table load
+    tl.store(pages_ptr + scratch + dest, tl.load(page_row + x, mask=keep, other=0), mask=keep)
     tl.debug_barrier()  # the scratch written above by all threads is read back below by all threads
     wide = n_all > union_max  # too little overlap: the KV-major pass serves this tile instead
     tl.store(wide_ptr + tile * HKV + kvh, wide.to(tl.int32))
@@ -115,32 +125,21 @@ def _extend_kernel(
     n_full = tl.where(wide, 0, n_full)
     n_all = tl.where(wide, 0, n_all)
 
-    # ---- The query tile: row r is query q0 + r // G, head kvh * G + r % G.
-    r = tl.arange(0, M)
-    r_q = r // G
-    row_ok = (r_q < qn) & (r < QG * G)
-    t = (q0 + r_q).to(tl.int64)
-    cols = tl.arange(0, D)
-    n = tl.arange(0, BLOCK)
-    q = tl.load(q_ptr + t[:, None] * stride_qt + (kvh * G + r % G)[:, None] * stride_qh + cols[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q_pos = tl.load(qpos_ptr + t, mask=row_ok, other=-1)
     m_i = tl.full([M], NEG_BIG, tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     k_base = k_ptr + kvh * stride_kh + cols[None, :]
     v_base = v_ptr + kvh * stride_vh + cols[None, :]
     for i in range(0, n_full):
-        blk = tl.load(union_ptr + scratch + i)
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
-        slot = tl.load(page_row + blk).to(tl.int64) * BLOCK + n
+        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + n
         k = tl.load(k_base + slot[:, None] * stride_ks)
         v = tl.load(v_base + slot[:, None] * stride_vs)
         m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
     for i in range(n_full, n_all):
         blk = tl.load(union_ptr + scratch + i)
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
-        slot = tl.load(page_row + blk).to(tl.int64) * BLOCK + n
+        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + n
         key_pos = blk * BLOCK + n
         in_seq = key_pos < seq_len
         k = tl.load(k_base + slot[:, None] * stride_ks, mask=in_seq[:, None], other=0.0)
@@ -214,6 +213,7 @@ def sparse_attention(
     entries = next_pow2(qg) * topk_p2
     union = torch.empty(n_tiles * hkv * entries, dtype=torch.int32, device=q.device)
     bits = torch.empty_like(union)
+    pages = torch.empty_like(union)
     wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device)
     if union_max is None:
         union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX))
@@ -222,7 +222,7 @@ def sparse_attention(
     num_stages = int(os.environ.get("MSA_EXTEND_STAGES", 2))
     _extend_kernel[(n_tiles, hkv)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
-        union, bits, wide, out,
+        union, bits, pages, wide, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         qk_scale, float(v_scale) if is_fp8(k_cache) else 1.0, union_max,
@@ -230,39 +230,6 @@ def sparse_attention(
         num_warps=num_warps, num_stages=num_stages,
     )
     if union_max < qg * topk:  # some tile may be wide: run the KV-major pass (it skips narrow tiles' entries)
-        _kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale,
-                       float(v_scale) if is_fp8(k_cache) else 1.0, qg)
+        kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale,
+                      float(v_scale) if is_fp8(k_cache) else 1.0, qg)
     return out
-
-
-def _kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale, v_scale, qg) -> None:
-    """Sort the wide tiles' selection entries by (request, KV head, block), run the KV-major kernel over the
-    runs, merge per query. Chunked over queries so the partials stay bounded."""
-    t_count, hq, dim = q.shape
-    hkv = k_cache.shape[1]
-    group = hq // hkv
-    topk = selected.shape[2]
-    heads = torch.arange(hkv, device=q.device, dtype=torch.int64)[None, :, None]
-    wide_tiles = wide.view(-1, hkv)
-    for lo in range(0, t_count, _CHUNK_TOKENS):
-        hi = min(t_count, lo + _CHUNK_TOKENS)
-        sel = selected[lo:hi].long()
-        ours = (sel >= 0) & (wide_tiles[tile_of[lo:hi].long()] != 0)[:, :, None]
-        key = ((plan.q_req[lo:hi].long()[:, None, None] * hkv + heads) << _KEY_SHIFT) | sel.clamp_min(0)
-        key = torch.where(ours, key, torch.full_like(key, _NOT_OURS)).flatten()
-        skey, perm = torch.sort(key)
-        n_entries = key.shape[0]
-        part_o = torch.empty(n_entries * group * dim, dtype=q.dtype, device=q.device)
-        part_lse = torch.empty(n_entries * group, dtype=torch.float32, device=q.device)
-        kv_major_kernel[(cdiv(n_entries, qg),)](
-            q, k_cache, v_cache, plan.page_table, plan.seq_lens, plan.q_pos, skey, perm, part_o, part_lse,
-            n_entries, lo, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
-            v_cache.stride(1), plan.page_table.stride(0), qk_scale, v_scale,
-            HKV=hkv, G=group, QB=qg, M=max(16, next_pow2(qg * group)), D=dim, TOPK=topk, BLOCK=BLOCK_SIZE,
-            KEY_SHIFT=_KEY_SHIFT, num_warps=8 if qg * group >= 128 else 4, num_stages=1,
-        )
-        merge_kernel[(hi - lo, hkv)](
-            part_o, part_lse, selected, wide, tile_of, out, lo,
-            selected.stride(0), selected.stride(1), out.stride(0), out.stride(1),
-            HKV=hkv, G=group, GPAD=max(16, next_pow2(group)), D=dim, TOPK=topk, num_warps=4,
-        )

@@ -1,0 +1,127 @@
+"""Paged split-K sparse decode attention (msa_kernels.triton.decode_attention) against the reference.
+
+On the CPU the kernel runs under the Triton interpreter, which must be switched on before triton is imported:
+the cases run in one child process (this file run as a script) and each pytest case checks its line of the
+child's report. Full M3 shapes run on a GPU (marked `gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge)
+CASES = {
+    "mixed_lengths_fused": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True),
+    "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False),
+    "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True),
+    "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True),
+    "half_page_units_32_splits": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True),
+    "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True),
+}
+BOUND = {None: 2e-3, "fp8": 2e-3}  # fp16 q/k/v, fp32 accumulation; fp8 is compared with its own dequantized values
+
+
+def _run_case(name: str) -> float:
+    from msa_kernels.reference import sparse_attention_paged
+    from msa_kernels.triton import decode_attention
+    from msa_kernels.triton._attn_cases import build_case, rel_error
+
+    seqs, hq, hkv, dim, cache, style, cfg, fused = CASES[name]
+    c = build_case(seqs, [1] * len(seqs), hq, hkv, dim=dim, dtype=torch.float16,
+                   cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
+    if cfg:
+        os.environ["MSA_DECODE_CHUNK"], os.environ["MSA_DECODE_NSPLIT"] = map(str, cfg)
+    worst = 0.0
+    for _ in range(2):  # the second call reuses the plan's partials and tickets: they must be left clean
+        out = torch.full_like(c.q, float("nan"))
+        decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
+                                          c.v_scale, fused_merge=fused, out=out)
+        ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
+        worst = max(worst, rel_error(out, ref))
+        for bufs in c.plan.extras.values():
+            bufs[0].fill_(float("nan"))
+            bufs[1].fill_(float("nan"))
+    os.environ.pop("MSA_DECODE_CHUNK", None)
+    os.environ.pop("MSA_DECODE_NSPLIT", None)
+    return worst
+
+
+@pytest.fixture(scope="module")
+def interpreter_report() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    report = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            report[row["name"]] = row
+    if not report:
+        pytest.fail(f"interpreter child produced no report:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return report
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_decode_matches_reference_in_interpreter(interpreter_report: dict, name: str) -> None:
+    row = interpreter_report.get(name)
+    assert row is not None, f"case {name} missing from the child's report"
+    assert "error" not in row, row.get("error")
+    bound = BOUND[CASES[name][4]]
+    assert row["rel_err"] < bound, f"{name}: relative error {row['rel_err']:.3g} >= {bound}"
+
+
+def test_decode_rejects_bad_inputs() -> None:
+    from msa_kernels import MSAInputError
+    from msa_kernels.triton import decode_attention
+    from msa_kernels.triton._attn_cases import build_case
+
+    c = build_case([300, 700], [1, 1], 8, 2, dim=64, dtype=torch.float16)
+    with pytest.raises(MSAInputError, match="int32"):
+        decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected.long())
+    with pytest.raises(MSAInputError, match="selected"):
+        decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected[:, :1])
+    with pytest.raises(MSAInputError, match="KV groups"):
+        decode_attention.sparse_attention(c.plan, c.q[:, :7], c.k_cache, c.v_cache, c.selected)
+    with pytest.raises(MSAInputError, match="dtype"):
+        decode_attention.sparse_attention(c.plan, c.q, c.k_cache.float(), c.v_cache.float(), c.selected)
+    with pytest.raises(MSAInputError, match="k_scale"):
+        f8 = c.k_cache.to(torch.float8_e4m3fn)
+        decode_attention.sparse_attention(c.plan, c.q, f8, f8, c.selected)
+    ext = build_case([300], [5], 16, 1, dim=64, dtype=torch.float16)
+    with pytest.raises(MSAInputError, match="one new token"):
+        decode_attention.sparse_attention(ext.plan, ext.q, ext.k_cache, ext.v_cache, ext.selected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads", [(64, 4), (16, 1), (8, 1)])
+@pytest.mark.parametrize("cache", [None, "fp8"])
+def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None) -> None:
+    from msa_kernels.triton import decode_attention
+    from msa_kernels.triton._attn_cases import build_case, rel_error
+    from msa_kernels.triton._attn_gpucheck import gathered_reference
+
+    hq, hkv = heads
+    seqs = [61000, 300, 128, 2048, 5000, 129] + [60000] * 26
+    c = build_case(seqs, [1] * len(seqs), hq, hkv, dtype=torch.bfloat16,
+                   cache_dtype=torch.float8_e4m3fn if cache else None, device="cuda")
+    ref = gathered_reference(c)
+    for fused in (True, False):
+        out = torch.full_like(c.q, float("nan"))
+        decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
+                                          c.v_scale, fused_merge=fused, out=out)
+        assert rel_error(out, ref) < 1e-2
+
+
+if __name__ == "__main__" and "--child" in sys.argv:
+    for case in CASES:
+        try:
+            print(json.dumps({"name": case, "rel_err": _run_case(case)}), flush=True)
+        except Exception as exc:  # reported per case, so one failure does not hide the others
+            print(json.dumps({"name": case, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
