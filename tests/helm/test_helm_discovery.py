@@ -1,7 +1,7 @@
 """The gateway finds exactly the worker pods that serve HTTP, for every preset.
 
 The gateway watches pods through the Kubernetes API with the label selector the chart passes as
---discovery-selector; this checks that selector against the labels the chart really puts on the pods.
+--k8s-selector; this checks that selector against the labels the chart really puts on the pods.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def test_discovery_selector_matches_serving_worker_pods_only(chart, values):
         o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-gateway")
     )
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    selector = _selector(_flag(args, "--discovery-selector"))
-    assert _flag(args, "--discovery-namespace") == NAMESPACE
+    selector = _selector(_flag(args, "--k8s-selector"))
+    assert _flag(args, "--k8s-namespace") == NAMESPACE
 
     pods = dict(pod_templates(objects))
     serving = {n: t for n, t in pods.items() if "worker" in n and "follower" not in n}

@@ -106,3 +106,11 @@ def test_expands_env_in_the_url(worker_factory, monkeypatch, capsys):
     url = worker.url.replace("127.0.0.1", "${LWS_LEADER_ADDRESS}")
     assert drain_mod.main(["--metrics-url", url, "--timeout", "5", "--interval", "0.01"]) == 0
     assert "drain: drained" in capsys.readouterr().err
+
+
+def test_waits_at_least_min_seconds_for_late_routed_requests(worker_factory):
+    worker = worker_factory([(0, 0)])
+    start = time.monotonic()
+    assert drain_mod.drain(worker.url, timeout=10, interval=0.02, quiet_polls=2, min_seconds=0.3) == "drained"
+    assert time.monotonic() - start >= 0.3
+    assert worker.hits > 2

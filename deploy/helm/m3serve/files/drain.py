@@ -3,8 +3,9 @@
 Kubernetes runs this before it sends SIGTERM, so in-flight generations (long agent turns) finish instead
 of being cut. The gateway stops routing to a pod as soon as the pod is marked for deletion; this waits
 until the server's own counters (sglang:num_running_reqs + sglang:num_queue_reqs on /metrics) have been
-zero for `--quiet-polls` polls in a row, or until `--timeout` seconds have passed. If the server cannot
-be reached there is nothing left to drain, and it returns at once. Standard library only.
+zero for `--quiet-polls` polls in a row (and at least `--min-seconds` have passed: the gateway only
+notices the deletion at its next poll of the pods API), or until `--timeout` seconds have passed. If the
+server cannot be reached there is nothing left to drain, and it returns at once. Standard library only.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def busy_requests(metrics_text: str) -> float:
     return total
 
 
-def drain(metrics_url: str, timeout: float, interval: float, quiet_polls: int) -> str:
-    deadline = time.monotonic() + timeout
+def drain(metrics_url: str, timeout: float, interval: float, quiet_polls: int, min_seconds: float = 0) -> str:
+    start = time.monotonic()
+    deadline = start + timeout
     quiet = 0
     while True:
         try:
@@ -40,7 +42,7 @@ def drain(metrics_url: str, timeout: float, interval: float, quiet_polls: int) -
         except OSError as exc:
             return f"server unreachable ({exc}); nothing to drain"
         quiet = quiet + 1 if busy == 0 else 0
-        if quiet >= quiet_polls:
+        if quiet >= quiet_polls and time.monotonic() - start >= min_seconds:
             return "drained"
         if time.monotonic() + interval > deadline:
             return f"timeout with {busy:g} requests still in flight"
@@ -53,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--interval", type=float, default=5)
     ap.add_argument("--quiet-polls", type=int, default=2)
+    ap.add_argument("--min-seconds", type=float, default=0, help="never return 'drained' before this")
     args = ap.parse_args(argv)
     # Lifecycle hooks get no $(VAR) expansion from Kubernetes, so do it here (followers pass the leader's
     # address as ${LWS_LEADER_ADDRESS}).
     url = os.path.expandvars(args.metrics_url)
-    print(f"drain: {drain(url, args.timeout, args.interval, args.quiet_polls)}", file=sys.stderr)
+    print(
+        f"drain: {drain(url, args.timeout, args.interval, args.quiet_polls, args.min_seconds)}",
+        file=sys.stderr,
+    )
     return 0
 
 

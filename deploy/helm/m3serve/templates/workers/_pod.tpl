@@ -141,6 +141,8 @@ spec:
               {{- end }}
               - --timeout
               - {{ $w.drain.drainSeconds | quote }}
+              - --min-seconds
+              - {{ $w.drain.minSeconds | quote }}
       resources:
         {{- $res := deepCopy $w.resources }}
         {{- if eq $w.device "cuda" }}
