@@ -1,0 +1,175 @@
+//! Image bytes -> RGB8, refusing what we cannot or should not decode.
+//!
+//! Order of checks, cheapest first: format from the magic bytes (JPEG, PNG, WebP, GIF; anything
+//! else is named and refused), structural completeness (a truncated file is an error, not a
+//! half-grey picture), dimensions from the header *before* decoding (decompression bombs and
+//! absurd sizes never allocate), then the decode itself under an allocation limit.
+
+use std::io::Cursor;
+
+use image::{ImageFormat, ImageReader, Limits};
+
+/// Limits on one decoded image.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest width or height, in pixels.
+    pub max_side: u32,
+    /// Largest width * height.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // 8k x 5k photographs pass; a 100k x 100k PNG bomb does not.
+        Self { max_side: 16_384, max_pixels: 50_000_000 }
+    }
+}
+
+/// A decoded image, interleaved RGB8.
+#[derive(Debug, Clone)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Recognize the container from its first bytes.
+pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, String> {
+    if bytes.is_empty() {
+        return Err("empty image data".into());
+    }
+    let starts = |m: &[u8]| bytes.starts_with(m);
+    if starts(&[0xFF, 0xD8, 0xFF]) {
+        Ok(ImageFormat::Jpeg)
+    } else if starts(b"\x89PNG\r\n\x1a\n") {
+        Ok(ImageFormat::Png)
+    } else if starts(b"GIF87a") || starts(b"GIF89a") {
+        Ok(ImageFormat::Gif)
+    } else if bytes.len() >= 12 && starts(b"RIFF") && &bytes[8..12] == b"WEBP" {
+        Ok(ImageFormat::WebP)
+    } else {
+        let known = if starts(b"BM") {
+            "BMP"
+        } else if starts(b"II*\0") || starts(b"MM\0*") {
+            "TIFF"
+        } else if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
+            "HEIF/AVIF"
+        } else if starts(b"<svg") || starts(b"<?xml") {
+            "SVG"
+        } else if starts(&[0, 0, 1, 0]) {
+            "ICO"
+        } else {
+            "unknown"
+        };
+        Err(format!("unsupported image format ({known}); supported: JPEG, PNG, WebP, GIF"))
+    }
+}
+
+/// Structural check that the file is complete; decoders often paper over truncation.
+fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), String> {
+    let truncated = |what: &str| Err(format!("truncated {what} data ({} bytes)", bytes.len()));
+    match format {
+        ImageFormat::Jpeg => {
+            // The end-of-image marker; some writers append a few padding bytes after it.
+            let tail = &bytes[bytes.len().saturating_sub(64)..];
+            if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+                return truncated("JPEG");
+            }
+        }
+        ImageFormat::Png => {
+            let tail = &bytes[bytes.len().saturating_sub(64)..];
+            if !tail.windows(4).any(|w| w == b"IEND") {
+                return truncated("PNG");
+            }
+        }
+        ImageFormat::Gif => {
+            if bytes.last() != Some(&0x3B) && !bytes[bytes.len().saturating_sub(16)..].contains(&0x3B) {
+                return truncated("GIF");
+            }
+        }
+        ImageFormat::WebP => {
+            let declared = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize + 8;
+            if bytes.len() < declared {
+                return truncated("WebP");
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Header dimensions without decoding pixels.
+pub fn dimensions(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), String> {
+    ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| format!("invalid {format:?} header: {e}"))
+}
+
+/// Decode to RGB8 (alpha dropped, palette and grey expanded, like PIL's `convert("RGB")`;
+/// for GIF the first frame).
+pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, String> {
+    let format = sniff(bytes)?;
+    check_complete(bytes, format)?;
+    let (w, h) = dimensions(bytes, format)?;
+    if w == 0 || h == 0 {
+        return Err(format!("image has zero size ({w}x{h})"));
+    }
+    if w > limits.max_side || h > limits.max_side || u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(format!(
+            "image is {w}x{h} pixels; the limit is {} per side and {} pixels in total",
+            limits.max_side, limits.max_pixels
+        ));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut lim = Limits::default();
+    lim.max_image_width = Some(limits.max_side);
+    lim.max_image_height = Some(limits.max_side);
+    // Room for the largest allowed image at 16 bits per channel with alpha.
+    lim.max_alloc = Some(limits.max_pixels * 8 + (1 << 20));
+    reader.limits(lim);
+    let img = reader.decode().map_err(|e| format!("could not decode {format:?} image: {e}"))?;
+    let rgb = img.into_rgb8();
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    Ok(RgbImage { width, height, data: rgb.into_raw() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn names_unsupported_formats() {
+        assert!(sniff(b"BM....").unwrap_err().contains("BMP"));
+        assert!(sniff(b"hello").unwrap_err().contains("unknown"));
+        assert!(sniff(b"").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn refuses_bomb_before_decoding() {
+        // A PNG header claiming 100000 x 100000 pixels followed by nothing useful.
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\r".to_vec();
+        png.extend_from_slice(&ihdr);
+        png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        // An (empty) IDAT chunk: header readers want to see the first one.
+        png.extend_from_slice(b"\0\0\0\0IDAT");
+        png.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
+        png.extend_from_slice(b"\0\0\0\0IEND\xaeB`\x82");
+        let err = decode_rgb(&png, &DecodeLimits::default()).unwrap_err();
+        assert!(err.contains("100000x100000"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Rescale + normalize + patch layout of a resized RGB8 image, as the HF M3 processor produces
+//! `pixel_values`.
+//!
+//! Normalization: HF fuses rescale into normalize, computing in float32
+//! `(x - mean*255) / (std*255)` with `mean*255` and `std*255` rounded to float32; a 256-entry
+//! table per channel gives bit-identical values.
+//!
+//! Layout (`patchify` in image_processing_minimax_m3_vl.py): rows are patches in 2x2-merge-block
+//! order — for every block row, block column, then the 2x2 patches inside the block row-major —
+//! and each row is `[channel(3)][temporal(2)][py(14)][px(14)]`, the still image duplicated along
+//! the temporal axis.
+
+/// Per-channel lookup: u8 value -> normalized float32.
+pub struct NormalizeTable {
+    lut: [[f32; 256]; 3],
+}
+
+impl NormalizeTable {
+    pub fn new(mean: [f64; 3], std: [f64; 3], rescale_factor: f64) -> Self {
+        let mut lut = [[0f32; 256]; 3];
+        // HF: mean / rescale_factor and std / rescale_factor as float32 tensors (1/(1/255) in f64
+        // first, then a float32 multiply, as torch does for tensor * python float).
+        let inv = (1.0 / rescale_factor) as f32;
+        for c in 0..3 {
+            let m = (mean[c] as f32) * inv;
+            let s = (std[c] as f32) * inv;
+            for (v, out) in lut[c].iter_mut().enumerate() {
+                *out = (v as f32 - m) / s;
+            }
+        }
+        Self { lut }
+    }
+}
+
+/// Geometry of the patch grid.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchGeometry {
+    pub patch: usize,
+    pub merge: usize,
+    pub temporal: usize,
+}
+
+impl PatchGeometry {
+    pub fn row_len(&self) -> usize {
+        3 * self.temporal * self.patch * self.patch
+    }
+}
+
+/// Patchify `rgb` (`w` x `h`, both multiples of patch*merge) into `out` (appended).
+/// Returns (grid_h, grid_w) in patches.
+pub fn patchify_into(
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    g: PatchGeometry,
+    table: &NormalizeTable,
+    out: &mut Vec<f32>,
+) -> (usize, usize) {
+    let (p, m, t) = (g.patch, g.merge, g.temporal);
+    assert!(w % (p * m) == 0 && h % (p * m) == 0, "image {w}x{h} is not a multiple of {}", p * m);
+    let (gh, gw) = (h / p, w / p);
+    let row_len = g.row_len();
+    let base = out.len();
+    out.resize(base + gh * gw * row_len, 0.0);
+    let mut dst = &mut out[base..];
+    let stride = w * 3;
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    let (prow, pcol) = (bh * m + mh, bw * m + mw);
+                    let (row, rest) = dst.split_at_mut(row_len);
+                    dst = rest;
+                    for c in 0..3 {
+                        let lut = &table.lut[c];
+                        let plane = &mut row[c * t * p * p..(c + 1) * t * p * p];
+                        let (first, others) = plane.split_at_mut(p * p);
+                        for py in 0..p {
+                            let y = prow * p + py;
+                            let src = &rgb[y * stride + pcol * p * 3..y * stride + (pcol + 1) * p * 3];
+                            let d = &mut first[py * p..(py + 1) * p];
+                            for (px, v) in d.iter_mut().enumerate() {
+                                *v = lut[src[px * 3 + c] as usize];
+                            }
+                        }
+                        // The still image fills every temporal slot.
+                        for slot in others.chunks_exact_mut(p * p) {
+                            slot.copy_from_slice(first);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (gh, gw)
+}
