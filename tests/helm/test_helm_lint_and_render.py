@@ -59,3 +59,18 @@ def test_preset_shape(chart, preset):
         assert lws[0]["spec"]["leaderWorkerTemplate"]["size"] == pods
     else:
         assert not lws
+
+
+def test_helm_package_ships_templates_and_presets_but_not_unit_tests(chart, tmp_path):
+    import tarfile
+
+    from helm_chart_tools import CHART, run
+
+    result = run([chart.helm, "package", str(CHART), "-d", str(tmp_path)])
+    assert result.returncode == 0, result.output
+    (archive,) = tmp_path.glob("m3serve-*.tgz")
+    names = set(tarfile.open(archive).getnames())
+    assert "m3serve/templates/tests/test-models.yaml" in names  # the `helm test` pod
+    assert "m3serve/files/drain.py" in names
+    assert {f"m3serve/presets/{p.name}" for p in PRESETS} <= names
+    assert not [n for n in names if n.startswith("m3serve/tests/")]
