@@ -21,13 +21,15 @@ import torch
 from .. import reference
 from ..layout import BLOCK_SIZE
 from . import _topk_worklist
+from . import index_topk as index_topk_module
+from ._topk_kernels import launch_score
 from ._topk_testcases import check_selection, make_batch
 from .index_topk import index_topk, prepare_index_topk
 from .store import store
 
 LOG: list[dict] = []
 START = time.time()
-BUDGET_S = float(os.environ.get("MSA_TOPK_GPUCHECK_BUDGET_S", 220))
+BUDGET_S = float(os.environ.get("MSA_TOPK_GPUCHECK_BUDGET_S", 120))
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 POISON = -7
@@ -60,9 +62,8 @@ def out_of_time(what: str) -> bool:
 
 def run_poisoned(p, q_idx, kc) -> torch.Tensor:
     work = prepare_index_topk(p, q_idx.shape[1], kc.shape[0] // BLOCK_SIZE)
-    if work.cand_scores is not None:
-        work.cand_scores.fill_(float("nan"))
-        work.cand_ids.fill_(POISON)
+    if work.candidates is not None:
+        work.candidates.fill_(2**62 + 12345)  # a huge real-looking key: must never be read
     out = torch.full((q_idx.shape[0], q_idx.shape[1], p.topk), POISON, dtype=torch.int32, device=q_idx.device)
     index_topk(p, q_idx, kc, out=out)
     torch.cuda.synchronize()
@@ -233,17 +234,50 @@ def timing(bw: float, fl: float) -> None:
         del p, q, kc, out
 
 
+def time_score_only(b: int, n: int) -> float:
+    """µs of the scoring kernel alone (no merge) for B private requests of N tokens, in a CUDA graph."""
+    sets = [make_batch([n] * b, [1] * b, 4, q_dtype=BF16, device="cuda") for _ in range(rotation(b * n * 256))]
+    outs = [torch.empty(b, 4, 16, dtype=torch.int32, device="cuda") for _ in sets]
+    works = [prepare_index_topk(p, 4, kc.shape[0] // BLOCK_SIZE) for p, _, kc in sets]
+    call = [lambda i=i: launch_score(works[i], sets[i][0], sets[i][1], sets[i][2], outs[i], 4,
+                                     index_topk_module.DECODE_STAGES) for i in range(len(sets))]
+    for c in call:
+        c()
+    torch.cuda.synchronize()
+    per_graph = max(20, len(sets))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(per_graph):
+            call[i % len(sets)]()
+    return time_events(g.replay, 10, warmup=3) / per_graph
+
+
 def variants() -> None:
-    """Decode work-split density: items per SM."""
-    for ips in (1, 4, 8):
+    """Decode work-split density (items per SM), the scoring kernel's share, extend pipelining depth."""
+    for b, n in [(1, 60000), (32, 60000)]:
+        if out_of_time("score split"):
+            return
+        log(kind="variant", what="score kernel only", B=b, N=n, us=time_score_only(b, n))
+    for ips in (1, 4):
         _topk_worklist.ITEMS_PER_SM = ips
-        for b, n in [(1, 60000), (8, 60000), (32, 60000)]:
+        for b, n in [(1, 60000), (8, 60000), (32, 60000), (1, 262144)]:
             if out_of_time("variants"):
                 _topk_worklist.ITEMS_PER_SM = 2
                 return
             us, w = time_decode([n] * b, 4, 0, BF16, rotation(b * n * 256))
-            log(kind="variant", items_per_sm=ips, B=b, N=n, us=us, items=w.n_items_host, chunk_blocks=w.chunk_blocks)
+            log(kind="variant", what=f"items_per_sm={ips}", B=b, N=n, us=us, items=w.n_items_host,
+                chunk_blocks=w.chunk_blocks)
     _topk_worklist.ITEMS_PER_SM = 2
+    for stages in (3,):
+        index_topk_module.EXTEND_STAGES = stages
+        for seqs, qls in [([61952], [2048]), ([65536], [65536])]:
+            if out_of_time("extend stages"):
+                break
+            p, q, kc = make_batch(seqs, qls, 4, q_dtype=BF16, device="cuda")
+            out = torch.empty(q.shape[0], 4, 16, dtype=torch.int32, device="cuda")
+            us = time_events(lambda p=p, q=q, kc=kc, out=out: index_topk(p, q, kc, out=out), 5)
+            log(kind="variant", what=f"extend_stages={stages}", B=1, N=seqs[0], T=qls[0], us=us)
+    index_topk_module.EXTEND_STAGES = 2
 
 
 def main() -> None:

@@ -47,8 +47,7 @@ class TopkWork:
     final: bool  # one chunk per row: the scoring kernel writes the selection itself
     grid: int  # persistent programs of the scoring kernel
     heads: int
-    cand_scores: torch.Tensor | None = None  # float32 [T*H, C, KS] per-chunk candidates (split runs only)
-    cand_ids: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None  # int64 [T*H, C, KS] per-chunk (score, block) keys (split runs)
 
 
 def _pow2(n: int) -> int:
@@ -176,9 +175,7 @@ def build_topk_work(
     order = torch.sort(j1 - j0, descending=True, stable=True).indices
     items = torch.stack([items_req, j0, j1, irow0, inrow, chunk], 1)[order]
     n_items = items.shape[0]
-    block_m = _pow2(int(inrow.max())) if n_items else 1
-    if not decode:
-        block_m = max(block_m, 16)  # extend tiles always take the tensor-core path
+    block_m = max(16, _pow2(int(inrow.max())) if n_items else 1)  # tl.dot needs >= 16 rows
     keep = min(_pow2(max(1, plan.topk - 1)), _pow2(chunk_blocks))
     work_list = TopkWork(
         items=items.to(torch.int32).contiguous().to(device),
@@ -194,6 +191,5 @@ def build_topk_work(
         heads=heads,
     )
     if not final:
-        work_list.cand_scores = torch.empty(total_rows, n_chunks, keep, dtype=torch.float32, device=device)
-        work_list.cand_ids = torch.empty(total_rows, n_chunks, keep, dtype=torch.int32, device=device)
+        work_list.candidates = torch.empty(total_rows, n_chunks, keep, dtype=torch.int64, device=device)
     return work_list

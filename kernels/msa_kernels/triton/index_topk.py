@@ -20,9 +20,11 @@ from ._topk_kernels import launch_merge, launch_score
 from ._topk_worklist import TopkWork, build_topk_work
 
 _EXTRAS_KEY = "triton_index_topk"
-# CUDA-core path (decode, < 16 rows): elements of the [rows, tokens, dim] product tile held at once. 8192
-# keeps the kernel near 80 registers at 8 warps (3 programs per SM), with 16-byte key loads.
-FMA_TILE_ELEMENTS = 8192
+# Software-pipelining depth of the key-block loads in the scoring kernel. Decode items (16-64 rows, 4 warps)
+# take 3 stages at ~70 KB of shared memory; extend tiles (128 rows, 8 warps) hold a 32 KB query tile plus
+# 32 KB per stage, so 2 stages (96 KB) let two programs share an SM.
+DECODE_STAGES = 3
+EXTEND_STAGES = 2
 _INDEX_K_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
@@ -87,12 +89,8 @@ def index_topk(
                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if q_idx.shape[0] == 0:
         return out
-    if work.block_m >= 16:
-        sub, warps, stages = 128, (8 if work.block_m >= 128 else 4), 3
-    else:
-        sub = max(1, min(128, FMA_TILE_ELEMENTS // (work.block_m * q_idx.shape[2])))
-        warps, stages = 8, 2
-    launch_score(work, plan, q_idx, index_k_cache, out, sub, warps, stages)
+    big = work.block_m >= 128
+    launch_score(work, plan, q_idx, index_k_cache, out, 8 if big else 4, EXTEND_STAGES if big else DECODE_STAGES)
     if not work.final:
         launch_merge(work, plan, out)
     return out
