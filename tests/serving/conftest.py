@@ -46,7 +46,7 @@ def running_worker(model_path: Path, workdir: Path, extra_args: list[str]):
     port = free_port()
     marker_dir = workdir / "plugin-marker"
     log_path = workdir / "worker.log"
-    env = dict(os.environ, M3SERVE_PLUGIN_MARKER_DIR=str(marker_dir))
+    env = dict(os.environ, M3SERVE_PLUGIN_MARKER_DIR=str(marker_dir), M3SERVE_PLUGIN_MARKER_EVERY_EVENT="1")
     launch = build_launch(
         ["--model-path", str(model_path), "--device", "cpu", "--port", str(port), *extra_args], env
     )

@@ -107,8 +107,11 @@ def test_block_selection_is_active(hf_model):
 
 
 def test_plugin_ran_msa_kernels(worker):
-    """The scheduler process recorded msa_kernels calls for sparse extend and decode, and the MoE fix."""
+    """The scheduler process recorded msa_kernels calls for sparse extend and decode, one plan per forward
+    batch shared by every sparse layer, and the MoE layout fix."""
     _greedy(worker, _prompt(300, seed=2), n=4)
+    config = json.loads((worker.model_path / "config.json").read_text())["text_config"]
+    n_sparse = sum(config["sparse_attention_config"]["sparse_attention_freq"])
     snapshots = read_all(str(worker.marker_dir))
     model_proc = [s for s in snapshots if s["counts"].get("sparse_backend_init")]
     assert model_proc, f"no process built the sparse backend through the plugin: {snapshots}"
@@ -118,6 +121,7 @@ def test_plugin_ran_msa_kernels(worker):
     assert counts.get("sparse_decode", 0) >= 1
     assert counts.get("moe_halves_fix", 0) >= 1
     assert counts.get("sparse_kv_pool_allowed") == 1
+    assert counts["sparse_extend"] + counts["sparse_decode"] == n_sparse * counts["plan_built"]
     log = worker.log_path.read_text(errors="replace")
     assert "[m3serve] M3 sparse layers -> msa_kernels" in log
 

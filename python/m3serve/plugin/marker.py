@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 MARKER_ENV = "M3SERVE_PLUGIN_MARKER_DIR"
+EVERY_EVENT_ENV = "M3SERVE_PLUGIN_MARKER_EVERY_EVENT"  # "1": rewrite on every event (exact counts, for tests)
 
 _lock = threading.Lock()
 _counts: dict[str, int] = {}
@@ -36,7 +37,7 @@ def record(event: str, message: str | None = None) -> int:
         _counts[event] = n
     if n == 1 and message:
         print(f"[m3serve] {message}", file=sys.stderr, flush=True)
-    if n & (n - 1) == 0:  # 1, 2, 4, 8, ...
+    if n & (n - 1) == 0 or os.environ.get(EVERY_EVENT_ENV) == "1":  # 1, 2, 4, 8, ... or always
         _write()
     return n
 
