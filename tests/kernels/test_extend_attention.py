@@ -15,14 +15,16 @@ import sys
 import pytest
 import torch
 
-# name -> (seq_lens, q_lens, q heads, kv heads, head dim, cache dtype, style, union_max)
+# name -> (seq_lens, q_lens, q heads, kv heads, head dim, cache dtype, style, union_max, wide pass)
 CASES = {
-    "mixed_lengths_hybrid": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", None),
-    "mixed_lengths_union_walk_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 10**9),
-    "high_overlap_kv_major_only": ([2500, 300], [24, 9], 16, 1, 64, None, "recent", -1),
-    "group4_two_kv_heads_d128": ([3000, 2500], [5, 9], 8, 2, 128, None, "random", None),
-    "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None),
-    "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", None),
+    "mixed_lengths_hybrid": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None),
+    "mixed_lengths_union_walk_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 10**9, None),
+    "mixed_lengths_query_pass_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", -1, None),
+    "high_overlap_kv_major_only": ([2500, 300], [24, 9], 16, 1, 64, None, "recent", -1, "kv_major"),
+    "group4_two_kv_heads_d128": ([3000, 2500], [5, 9], 8, 2, 128, None, "random", 20, None),
+    "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major"),
+    "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None),
+    "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None),
 }
 BOUND = 2e-3  # fp16 q/k/v, fp32 accumulation (fp16 partials in the KV-major pass)
 
@@ -32,12 +34,12 @@ def _run_case(name: str) -> float:
     from msa_kernels.triton import extend_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
 
-    seqs, qls, hq, hkv, dim, cache, style, union_max = CASES[name]
+    seqs, qls, hq, hkv, dim, cache, style, union_max, wide_pass = CASES[name]
     c = build_case(seqs, qls, hq, hkv, dim=dim, dtype=torch.float16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     out = torch.full_like(c.q, float("nan"))
     extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale,
-                                      out=out, union_max=union_max)
+                                      out=out, union_max=union_max, wide_pass=wide_pass)
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
 
@@ -95,11 +97,11 @@ def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, st
     c = build_case([61952, 1000, 300], [2048, 1000, 17], hq, hkv, dtype=torch.bfloat16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style, device="cuda")
     ref = gathered_reference(c)
-    for union_max in (None, -1, 10**9):
+    for union_max, wide_pass in ((None, None), (-1, "query"), (-1, "kv_major"), (10**9, None)):
         out = torch.full_like(c.q, float("nan"))
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
-                                          c.v_scale, out=out, union_max=union_max)
-        assert rel_error(out, ref) < 1e-2
+                                          c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass)
+        assert rel_error(out, ref) < 1e-2, (union_max, wide_pass)
 
 
 if __name__ == "__main__" and "--child" in sys.argv:

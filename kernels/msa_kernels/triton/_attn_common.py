@@ -97,34 +97,35 @@ assert BLOCK_SIZE == 128 and math.isclose(LOG2E, 1 / math.log(2))
 
 @triton.jit
 def merge_partials(
-    part_o,  # fp32 [NSPLIT, GPAD, D] normalized partial outputs of one (request, kv head)
-    part_lse,  # fp32 [NSPLIT, GPAD] their log2-sum-exp
+    part_o,  # fp32 [.., NSPLIT, GPAD, D] normalized partial outputs of one (request, kv head)
+    part_lse,  # fp32 [.., NSPLIT, GPAD] their log2-sum-exp
     out_ptr,  # first output row of the group: out[t, kvh * G]
     stride_oh,
     NSPLIT: tl.constexpr,
     G: tl.constexpr,
     GPAD: tl.constexpr,
     D: tl.constexpr,
-    DC: tl.constexpr,
-    S2: tl.constexpr,  # NSPLIT rounded up to a power of two
 ):
-    """Merge NSPLIT partials of GPAD rows by log-sum-exp and write the G real rows to out.
-
-    All partials are loaded at once ([NSPLIT, GPAD, DC] per column step) so their latencies overlap; .cg
-    reads through L2, never a stale L1 line (other CTAs wrote them)."""
-    sp = tl.arange(0, S2)
+    """Merge NSPLIT partials of GPAD rows by log-sum-exp and write the G real rows to out."""
     rows = tl.arange(0, GPAD)
-    idx = sp[:, None] * GPAD + rows[None, :]
-    ok = sp[:, None] < NSPLIT
-    lse = tl.load(part_lse + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    mx = tl.maximum(tl.max(lse, 0), NEG_BIG)
-    w = tl.exp2(lse - mx[None, :])
-    den = tl.sum(w, 0)
-    den = tl.where(den > 0, den, 1.0)
-    for c0 in tl.static_range(0, D, DC):
-        cols = c0 + tl.arange(0, DC)
-        o = tl.load(part_o + idx[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        res = tl.sum(o * w[:, :, None], 0) / den[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_oh + cols[None, :], res.to(out_ptr.dtype.element_ty),
-                 mask=(rows < G)[:, None])
+    cols = tl.arange(0, D)
+    m = tl.full([GPAD], NEG_BIG, tl.float32)
+    l_sum = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, D], tl.float32)
+    for s in range(NSPLIT):
+        # .cg: read through L2, never a stale L1 line (the partials were written by other CTAs).
+        lse = tl.load(part_lse + s * GPAD + rows, cache_modifier=".cg")
+        o = tl.load(part_o + (s * GPAD + rows[:, None]) * D + cols[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
+    res = acc / l_sum[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_oh + cols[None, :],
+        res.to(out_ptr.dtype.element_ty),
+        mask=(rows < G)[:, None],
+    )
+

@@ -2,7 +2,7 @@
 
 Work split. For request b and KV head g the token's <= 16 selected blocks (128 tokens each, one page each)
 are cut into units of CHUNK tokens and dealt to NSPLIT programs, so that even batch 1 with one KV head puts
-16-32 programs on the chip instead of one. Each program packs the G query heads of its KV group into one MMA
+8 programs on the chip instead of one (`decode_config` holds the measured choice). Each program packs the G query heads of its KV group into one MMA
 tile (M = G padded to 16; every K/V byte it loads serves all G heads), runs an online softmax over its units
 and writes a normalized partial (o, log2-sum-exp). The merge happens in the same launch: every program takes
 a ticket from a per-(request, KV head) counter after writing its partial; the program that draws the last
@@ -38,8 +38,6 @@ from ._attn_common import (
     score_scale,
 )
 
-_TARGET_PROGRAMS = 264  # two programs per SM on a 132-SM H100: enough loads in flight to cover latency
-
 
 @triton.jit
 def _decode_kernel(
@@ -48,8 +46,7 @@ def _decode_kernel(
     stride_ot, stride_oh,
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, UPP_P2: tl.constexpr,
-    DC: tl.constexpr, S2: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,22 +63,18 @@ def _decode_kernel(
     )
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
     UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
-    # This program's units, and their pages, looked up all at once up front: the loop below then issues
-    # its K/V loads without waiting on a dependent selection -> page-table -> K chain per unit.
-    uu = tl.arange(0, UPP_P2)
-    u = split * UPP + uu
-    u_j = u // UPB
-    blks = tl.load(sel_ptr + b * stride_st + kvh * stride_sh + u_j, mask=(uu < UPP) & (u_j < TOPK), other=-1)
-    pages = tl.load(page_ptr + b * stride_pb + tl.maximum(blks, 0), mask=blks >= 0, other=0)
-    key0 = blks * BLOCK + (u % UPB) * CHUNK  # first key position of each unit (< 0: no unit)
-    slot0 = pages * BLOCK + (u % UPB) * CHUNK
     m_i = tl.full([GPAD], NEG_BIG, tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
     acc = tl.zeros([GPAD, D], tl.float32)
-    for i in range(UPP):
-        key_start = tl.sum(tl.where(uu == i, key0, 0), 0)
-        slot = tl.sum(tl.where(uu == i, slot0, 0), 0).to(tl.int64) + n
-        valid = (key_start >= 0) & (key_start + n < seq_len)
+    sel_row = sel_ptr + b * stride_st + kvh * stride_sh
+    for u in range(split * UPP, split * UPP + UPP):
+        j = u // UPB
+        sub = u % UPB
+        blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
+        page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
+        tok = sub * CHUNK + n
+        valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
+        slot = page * BLOCK + tok
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
                     mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
@@ -111,7 +104,7 @@ def _decode_kernel(
             ticket = tl.atomic_add(ticket_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
             if ticket == NSPLIT - 1:
                 merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
-                               out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D, DC, S2)
+                               out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
                 tl.atomic_xchg(ticket_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
@@ -119,27 +112,32 @@ def _decode_kernel(
 def _merge_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-    DC: tl.constexpr, S2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
     merge_partials(part_o_ptr + pid_bh * NSPLIT * GPAD * D, part_lse_ptr + pid_bh * NSPLIT * GPAD,
-                   out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D, DC, S2)
+                   out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
 
 
 def decode_config(pairs: int, topk: int) -> tuple[int, int]:
     """(CHUNK tokens per unit, NSPLIT programs per (request, KV head)) for `pairs` (request, KV head) pairs.
 
-    Few pairs (small batch, one KV head per GPU under tensor parallelism): half-page units and up to 16
-    programs per pair fill the chip; many pairs: whole pages and just enough splits for ~2 programs per SM,
-    which keeps the merge traffic negligible. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
+    Measured on an H100 (graph replay, 60k context, random pages): whole-page units always; about 8 splits
+    per pair at 1-8 pairs (fewer programs lose to latency, more lose to the merge), 4 at 32 pairs, 2 from 64
+    pairs up (batch 32 x 4 KV heads: 2 splits beat 4 by ~15%), none from 512 pairs up, where the grid is
+    full without splitting. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
     """
-    chunk = 64 if pairs * topk < _TARGET_PROGRAMS // 2 else BLOCK_SIZE
-    units = topk * (BLOCK_SIZE // chunk)
-    nsplit = 1
-    while nsplit < min(units, 16) and pairs * nsplit < _TARGET_PROGRAMS:
-        nsplit *= 2
+    chunk = BLOCK_SIZE
+    if pairs >= 512:
+        nsplit = 1
+    elif pairs >= 64:
+        nsplit = 2
+    elif pairs >= 32:
+        nsplit = 4
+    else:
+        nsplit = 8
+    nsplit = min(nsplit, topk)
     chunk = int(os.environ.get("MSA_DECODE_CHUNK", chunk))
     nsplit = int(os.environ.get("MSA_DECODE_NSPLIT", nsplit))
     return chunk, nsplit
@@ -199,21 +197,15 @@ def sparse_attention(
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
     part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
-    upp = cdiv(topk * (BLOCK_SIZE // chunk), nsplit)
-    num_warps = 4
-    # merge columns per step: keep the [NSPLIT, GPAD, DC] partial tile at <= 64 fp32 registers per thread
-    dc = max(16, min(dim, next_pow2(max(1, 64 * 32 * num_warps // (next_pow2(nsplit) * gpad)))))
-    num_stages = int(os.environ.get("MSA_DECODE_STAGES", 3))
     _decode_kernel[(pairs, nsplit)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        UPP_P2=next_pow2(upp), DC=dc, S2=next_pow2(nsplit), FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=fused_merge, num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
     )
     if nsplit > 1 and not fused_merge:
         _merge_kernel[(pairs,)](part_o, part_lse, out, out.stride(0), out.stride(1),
-                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, DC=dc, S2=next_pow2(nsplit),
-                                num_warps=num_warps)
+                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, num_warps=4)
     return out

@@ -45,10 +45,10 @@ from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, next_pow2, sc
 from ._attn_kvmajor import kv_major_pass
 
 _ROWS = 128  # MMA rows per tile: queries x heads of one KV group
-# A tile whose union holds more blocks than this goes to the KV-major pass. Cost per tile in units of one
-# 128x128x128 QK+PV step: the union walk pays |union|; the KV-major pass pays ~QG*16/QB*1.2 ~ 20 steps of
-# MMA plus ~20 steps' worth of partial traffic (QG*16 partials of G x 128 x 2 B, written and read).
-UNION_MAX = 40
+# A tile whose union holds more blocks than this goes to the wide pass. Measured on an H100 (2,048 queries,
+# 64/4 heads): the union walk costs ~23 us per block of average union width plus ~110 us, and a query-major
+# pass ~1.6 ms (upstream's rate), so the crossover sits near a union of 64 blocks.
+UNION_MAX = 64
 
 
 @triton.jit
@@ -66,12 +66,12 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
-    union_ptr, bits_ptr, pages_ptr, wide_ptr, out_ptr,
+    union_ptr, bits_ptr, pages_ptr, wide_ptr, gate_wide_ptr, gate_tile_of_ptr, out_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
     stride_ot, stride_oh,
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -119,11 +119,15 @@ def _extend_kernel(
     # page ids looked up here, all at once, so the block loops below carry no dependent page-table load
     tl.store(pages_ptr + scratch + dest, tl.load(page_row + x, mask=keep, other=0), mask=keep)
     tl.debug_barrier()  # the scratch written above by all threads is read back below by all threads
-    wide = n_all > union_max  # too little overlap: the KV-major pass serves this tile instead
-    tl.store(wide_ptr + tile * HKV + kvh, wide.to(tl.int32))
-    # a wide tile walks nothing and writes nothing here (zero trip counts keep the loops pipelinable)
-    n_full = tl.where(wide, 0, n_full)
-    n_all = tl.where(wide, 0, n_all)
+    if GATED:  # second pass: serve only the queries whose coarse tile the first pass found too wide
+        coarse = tl.load(gate_tile_of_ptr + q0)
+        skip = tl.load(gate_wide_ptr + coarse * HKV + kvh) == 0
+    else:
+        skip = n_all > union_max  # too little overlap: the wide pass serves this tile instead
+        tl.store(wide_ptr + tile * HKV + kvh, skip.to(tl.int32))
+    # a skipped tile walks nothing and writes nothing (zero trip counts keep the loops pipelinable)
+    n_full = tl.where(skip, 0, n_full)
+    n_all = tl.where(skip, 0, n_all)
 
     m_i = tl.full([M], NEG_BIG, tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -148,7 +152,7 @@ def _extend_kernel(
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale)
     o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + t[:, None] * stride_ot + (kvh * G + r % G)[:, None] * stride_oh + cols[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=(row_ok & ~wide)[:, None])
+             o.to(out_ptr.dtype.element_ty), mask=(row_ok & ~skip)[:, None])
 
 
 def queries_per_tile(group: int) -> int:
@@ -188,12 +192,14 @@ def sparse_attention(
     *,
     out: torch.Tensor | None = None,
     union_max: int | None = None,
+    wide_pass: str | None = None,
 ) -> torch.Tensor:
     """Extend/prefill attention: q [T, Hq, D] (the plan's new tokens), selected [T, Hkv, topk] -> [T, Hq, D].
 
     `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `union_max` sets
-    the union width above which a tile goes to the KV-major pass (default UNION_MAX, env
-    MSA_EXTEND_UNION_MAX; -1 sends every tile there, a huge value none)."""
+    the union width above which a tile goes to the wide pass (default UNION_MAX, env MSA_EXTEND_UNION_MAX;
+    -1 sends every tile there, a huge value none); `wide_pass` picks it: "query" (default, env
+    MSA_EXTEND_WIDE_PASS) or "kv_major"."""
     hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
@@ -205,9 +211,33 @@ def sparse_attention(
     if group > _ROWS:
         raise MSAInputError(f"a KV group of {group} query heads exceeds the {_ROWS}-row tile")
     qg = queries_per_tile(group)
-    rows = max(16, next_pow2(qg * group))
+    topk = selected.shape[2]
+    if union_max is None:
+        union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX))
+    if wide_pass is None:
+        wide_pass = os.environ.get("MSA_EXTEND_WIDE_PASS", "query")
+    if wide_pass not in ("query", "kv_major"):
+        raise MSAInputError(f"wide_pass must be 'query' or 'kv_major', got {wide_pass!r}")
+    qk_scale = score_scale(scale, dim, k_scale, is_fp8(k_cache))
+    v_mult = float(v_scale) if is_fp8(k_cache) else 1.0
+    wide, tile_of = _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, None)
+    if union_max < qg * topk:  # some tile may be too wide for the union walk
+        if wide_pass == "kv_major":
+            kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale, v_mult, qg)
+        else:  # query-major: one query per tile, its own <= 16 blocks, only for the wide tiles' queries
+            _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, 1, 1 << 30, (wide, tile_of))
+    return out
+
+
+def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, gate):
+    """One union-walk launch over tiles of qg queries. Returns (wide flags per tile and KV head, tile of each
+    token). With `gate` = (wide, tile_of) of an earlier coarser launch, only that launch's wide tiles'
+    queries are served."""
+    hkv = k_cache.shape[1]
+    group = q.shape[1] // hkv
     topk = selected.shape[2]
     topk_p2 = next_pow2(topk)
+    rows = max(16, next_pow2(qg * group))
     tile_req, tile_q0, tile_qn, tile_of = _tiles(plan, qg, q.device)
     n_tiles = tile_req.shape[0]
     entries = next_pow2(qg) * topk_p2
@@ -215,21 +245,16 @@ def sparse_attention(
     bits = torch.empty_like(union)
     pages = torch.empty_like(union)
     wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device)
-    if union_max is None:
-        union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX))
-    qk_scale = score_scale(scale, dim, k_scale, is_fp8(k_cache))
+    gate_wide, gate_tile_of = gate if gate is not None else (wide, tile_of)
     num_warps = int(os.environ.get("MSA_EXTEND_WARPS", 8 if rows >= 128 else 4))
     num_stages = int(os.environ.get("MSA_EXTEND_STAGES", 2))
     _extend_kernel[(n_tiles, hkv)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
-        union, bits, pages, wide, out,
+        union, bits, pages, wide, gate_wide, gate_tile_of, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
-        qk_scale, float(v_scale) if is_fp8(k_cache) else 1.0, union_max,
-        HKV=hkv, G=group, QG=qg, M=rows, D=dim, TOPK=topk, TOPK_P2=topk_p2, E=entries, BLOCK=BLOCK_SIZE,
-        num_warps=num_warps, num_stages=num_stages,
+        qk_scale, v_mult, union_max,
+        HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
+        BLOCK=BLOCK_SIZE, GATED=gate is not None, num_warps=num_warps, num_stages=num_stages,
     )
-    if union_max < qg * topk:  # some tile may be wide: run the KV-major pass (it skips narrow tiles' entries)
-        kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale,
-                      float(v_scale) if is_fp8(k_cache) else 1.0, qg)
-    return out
+    return wide, tile_of
