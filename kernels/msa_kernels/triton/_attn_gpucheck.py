@@ -110,12 +110,13 @@ def correctness(quick: bool) -> bool:
                             fused_merge=fm) < bound
             c = build_case([60000] * 32, [1] * 32, hq, hkv, dtype=dt, cache_dtype=cd, device=dev)
             ok &= check(f"decode {tag} B32 60k", c, decode_attention.sparse_attention, bound) < bound
-            for style, variants in (("random", (None, 10**9)), ("recent", (None, -1))):
+            variants = ((None, None), (10**9, None), (-1, "query"), (-1, "kv_major"))
+            for style in ("random", "recent"):
                 c = build_case([62000, 1000, 300], [2048, 1000, 17], hq, hkv, dtype=dt, cache_dtype=cd,
                                style=style, device=dev)
-                for um in variants:
-                    ok &= check(f"extend {tag} {style} mixed union_max={um}", c, extend_attention.sparse_attention,
-                                bound, union_max=um) < bound
+                for um, wp in variants:
+                    ok &= check(f"extend {tag} {style} mixed union_max={um} wide_pass={wp}", c,
+                                extend_attention.sparse_attention, bound, union_max=um, wide_pass=wp) < bound
     return ok
 
 
@@ -217,12 +218,13 @@ def bench_decode(bw, quick) -> None:
 
 
 def bench_extend(fl, quick) -> None:
-    runs = [  # heads, kv dtype, batch, union_max variants, stage variants
-        (64, 4, None, 1, (None, 10**9, -1, 24, 64), (2, 3)),
-        (64, 4, None, 8, (None,), (2,)),
-        (16, 1, None, 1, (None,), (2,)),
-        (8, 1, None, 1, (None,), (2,)),
-        (64, 4, torch.float8_e4m3fn, 1, (None,), (2,)),
+    default = ((None, None),)
+    runs = [  # heads, kv dtype, batch, (union_max, wide pass) variants, stage variants
+        (64, 4, None, 1, ((None, None), (10**9, None), (-1, "query"), (-1, "kv_major"), (32, None)), (2, 3)),
+        (64, 4, None, 8, default, (2,)),
+        (16, 1, None, 1, default, (2,)),
+        (8, 1, None, 1, default, (2,)),
+        (64, 4, torch.float8_e4m3fn, 1, default, (2,)),
     ]
     for hq, hkv, cd, batch, ums, stages in runs:
         for style in ("random", "recent"):
@@ -235,12 +237,13 @@ def bench_extend(fl, quick) -> None:
             qg = extend_attention.queries_per_tile(hq // hkv)
             u = c.selected[:2048].view(-1, qg, hkv, 16).permute(0, 2, 1, 3).flatten(2)
             uniq = float(sum(len(set(r.tolist()) - {-1}) for r in u.flatten(0, 1)[:256].cpu()) / min(256, len(u)))
-            for um in ums:
+            for um, wp in ums:
                 for st in stages:
                     os.environ["MSA_EXTEND_STAGES"] = str(st)
-                    us = bench_extend_once(c, c.selected, um)
+                    us = bench_extend_once(c, c.selected, um, wp)
                     log(kind="extend", heads=f"{hq}/{hkv}", kv="fp8" if cd else "bf16", style=style, B=batch,
-                        T=2048, prefix=prefix, union_max=um, stages=st, us=us, TFLOPs=flops / us / 1e6,
+                        T=2048, prefix=prefix, union_max=um, wide_pass=wp, stages=st, us=us,
+                        TFLOPs=flops / us / 1e6,
                         frac_matmul=flops / us * 1e6 / fl, union_per_tile=uniq)
             os.environ.pop("MSA_EXTEND_STAGES", None)
             del c
@@ -251,14 +254,14 @@ def bench_extend(fl, quick) -> None:
         c = build_case([16384], [16384], 64, 4, dtype=torch.bfloat16, style=style, device="cuda", spare_pages=0)
         pos = torch.arange(16384)
         flops = float((torch.clamp((pos // 128 + 1), max=16) * 128).sum()) * 64 * 128 * 4
-        us = bench_extend_once(c, c.selected, None)
+        us = bench_extend_once(c, c.selected, None, None)
         log(kind="prefill", heads="64/4", style=style, N=16384, us=us, TFLOPs=flops / us / 1e6)
 
 
-def bench_extend_once(c, sel, union_max) -> float:
+def bench_extend_once(c, sel, union_max, wide_pass) -> float:
     def f():
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel, None, c.k_scale, c.v_scale,
-                                          union_max=union_max)
+                                          union_max=union_max, wide_pass=wide_pass)
     return bench_events(f, iters=5, warmup=1)
 
 
