@@ -1,4 +1,4 @@
-"""KV-block-major pass of the extend kernel: for query tiles whose selections barely overlap.
+"""KV-block-major pass of the extend kernel (opt-in: `wide_pass="kv_major"`) for tiles that barely overlap.
 
 When the 8 (or 16) queries of a tile picked mostly different blocks, walking their union wastes most of each
 MMA (useful fraction ~1/8). Their (query, KV head, slot) selection entries are instead sorted by
@@ -13,6 +13,11 @@ beats the union walk only when the union is several times wider than 16 blocks.
 
 The host side (`kv_major_pass`) compacts the wide tiles' entries with one device sync (nonzero): extend and
 prefill run eagerly in the serving engine, and the sync lets the pass cost nothing when no tile is wide.
+
+Measured on an H100 (64 q / 4 KV heads, T = 2,048 on a 60k prefix, every tile sent here): 2.90 ms with
+random selections and 2.81 ms with high-overlap ones, against 2.60 ms and 0.48 ms for the union walk and
+1.62 ms for upstream's query-major kernel; hence not the default. Not yet profiled: the per-tile chain of
+dependent loads (tile start -> entries -> gathered Q rows) is the first suspect.
 """
 
 from __future__ import annotations
