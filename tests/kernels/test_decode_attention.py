@@ -119,6 +119,30 @@ def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None) ->
         assert rel_error(out, ref) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_replays_in_cuda_graph() -> None:
+    """Captured once, replayed on new selections: tickets must reset and partials must not go stale."""
+    from msa_kernels.triton import decode_attention
+    from msa_kernels.triton._attn_cases import build_case, random_selection, rel_error
+    from msa_kernels.triton._attn_gpucheck import gathered_reference
+
+    c = build_case([60000, 9000, 300, 129], [1] * 4, 64, 4, dtype=torch.bfloat16, device="cuda")
+    sel = c.selected.clone()
+    decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel)  # buffers made before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel)
+    gen = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    for _ in range(3):
+        sel.copy_(random_selection(c.plan.q_pos, 4, "random", gen))
+        out.fill_(float("nan"))
+        graph.replay()
+        c.selected = sel
+        assert rel_error(out, gathered_reference(c)) < 1e-2
+
+
 if __name__ == "__main__" and "--child" in sys.argv:
     for case in CASES:
         try:
