@@ -1,0 +1,330 @@
+"""CPU checks of the end-to-end GPU benchmark's scripts (benchmarks/agentic/gpu/, scripts/prepare_gpu_e2e_bundle.sh).
+
+No GPU and no network: the model writer, the per-arm command lines and environments, the arm plugin and
+its entry point, the result parsing and table, the bundle script's package list, and the device-side
+setup script on a fake bundle.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_DIR = REPO / "benchmarks" / "agentic" / "gpu"
+sys.path.insert(0, str(GPU_DIR))
+
+import e2e_arm_plugin  # noqa: E402
+import run_e2e  # noqa: E402
+import slice_model  # noqa: E402
+
+pytest.importorskip("tokenizers")
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+def test_slice_config_has_m3_attention_shapes(tmp_path):
+    path = slice_model.write_slice_model(tmp_path / "m", "sparse")
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg["text_config"]
+    assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]) == (
+        6144, 64, 4, 128)
+    assert text["rotary_dim"] == 64
+    sparse = text["sparse_attention_config"]
+    assert (sparse["sparse_num_index_heads"], sparse["sparse_index_dim"]) == (4, 128)
+    assert (sparse["sparse_block_size"], sparse["sparse_topk_blocks"], sparse["sparse_local_block"]) == (128, 16, 1)
+    assert sparse["sparse_score_type"] == "max" and sparse["sparse_init_block"] == 0
+    assert sparse["sparse_attention_freq"] == [0] + [1] * 7
+    assert text["num_local_experts"] == 16 and text["num_experts_per_tok"] == 4
+    assert text["dense_intermediate_size"] == 12288 and text["intermediate_size"] == 3072
+    assert text["vocab_size"] <= 1024  # the tiny tokenizer's vocabulary: no 2.5 GB embedding
+    # config + tokenizer only: weights come from --load-format dummy.
+    assert not list(path.glob("*.safetensors"))
+    assert (path / "tokenizer.json").is_file() and (path / "chat_template.jinja").is_file()
+    meta = json.loads((path / "m3serve_slice.json").read_text())
+    assert 7e9 < meta["param_estimate"] < 9e9  # ~16 GB bf16: fits an H100 with room for the KV cache
+
+
+def test_dense_variant_keeps_shapes_but_no_sparse_layers(tmp_path):
+    from m3serve.config import load_m3_config
+
+    sparse = json.loads((slice_model.write_slice_model(tmp_path / "s", "sparse") / "config.json").read_text())
+    dense_dir = slice_model.write_slice_model(tmp_path / "d", "dense")
+    dense = json.loads((dense_dir / "config.json").read_text())
+    st, dt_ = sparse["text_config"], dense["text_config"]
+    assert dt_["sparse_attention_config"]["sparse_attention_freq"] == [0] * 8
+    assert dt_["mlp_layer_types"] == st["mlp_layer_types"]  # same MoE layers
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts"):
+        assert dt_[key] == st[key]
+    settings = load_m3_config(dense_dir)  # the worker's checkpoint validation accepts it
+    assert settings.text.sparse_layer_ids == [] if hasattr(settings, "text") else True
+
+
+def test_same_tokenizer_for_every_variant(tmp_path):
+    a = slice_model.write_slice_model(tmp_path / "a", "sparse")
+    b = slice_model.write_slice_model(tmp_path / "b", "dense")
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_bad_variant_refused():
+    with pytest.raises(ValueError, match="variant"):
+        slice_model.slice_config(slice_model.TINY_SIZES, "medium")
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+@pytest.mark.parametrize("shape", sorted(run_e2e.SHAPES))
+def test_kv_pool_holds_the_whole_run(shape):
+    s = run_e2e.SHAPES[shape]
+    assert s.kv_tokens_needed() < s.max_total_tokens
+
+
+def test_full_shape_is_agentic_60k_c8():
+    s = run_e2e.SHAPES["full"]
+    assert (s.prefix_tokens, s.concurrency, s.user_tokens, s.tool_result_tokens, s.output_tokens) == (
+        60_000, 8, 1_024, 1_536, 256)
+
+
+def test_server_flags_same_for_every_arm_and_graphs_off():
+    flags = run_e2e.server_flags(run_e2e.SHAPES["full"], "cuda")
+    assert flags[flags.index("--load-format") + 1] == "dummy"
+    assert "--disable-cuda-graph" in flags and "--enable-cache-report" in flags
+    assert flags[flags.index("--mem-fraction-static") + 1] == "0.85"
+    assert int(flags[flags.index("--context-length") + 1]) >= run_e2e.SHAPES["full"].kv_tokens_needed()
+    assert "--mem-fraction-static" not in run_e2e.server_flags(run_e2e.SHAPES["dry"], "cpu")
+
+
+@pytest.fixture
+def launches(tmp_path, monkeypatch):
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.delenv("SGLANG_PLATFORM", raising=False)
+    models = {v: slice_model.write_slice_model(tmp_path / v, v, slice_model.TINY_SIZES) for v in ("sparse", "dense")}
+    site = run_e2e.write_arm_dist(tmp_path / "site")
+    flags = run_e2e.server_flags(run_e2e.SHAPES["quick"], "cuda")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": "/bundle/site"}
+    return {arm: run_e2e.worker_launch(arm, models[run_e2e.MODEL_VARIANT[arm]], 31000 + i, "cuda", flags, env,
+                                       tmp_path / f"markers_{arm}", site)
+            for i, arm in enumerate(run_e2e.ARMS)}
+
+
+def test_worker_commands_differ_only_in_model_and_port(launches):
+    def normalise(cmd):
+        out = list(cmd)
+        out[out.index("--model-path") + 1] = "M"
+        out[out.index("--port") + 1] = "P"
+        return out
+
+    cmds = {arm: normalise(launch.command) for arm, launch in launches.items()}
+    assert cmds["ours"] == cmds["upstream"] == cmds["dense"]
+    cmd = launches["ours"].command
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    assert cmd[cmd.index("--page-size") + 1] == "128" and cmd[cmd.index("--device") + 1] == "cuda"
+    assert cmd.count("--disable-cuda-graph") == 1
+    assert launches["dense"].model_path.endswith("dense")
+
+
+def test_arm_environments(launches):
+    ours, up, dense = launches["ours"].env, launches["upstream"].env, launches["dense"].env
+    for env in (ours, up, dense):
+        assert env["SGLANG_PLATFORM"] == "m3serve_portable" and env["M3SERVE_DEVICE"] == "cuda"
+        parts = env["PYTHONPATH"].split(os.pathsep)
+        assert parts[-1] == "/bundle/site" and any(p.endswith("cuda_site") for p in parts)
+        assert str(GPU_DIR) in parts
+    # ours / dense: m3serve's plugin (no allow-list); upstream: only the platform + the arm plugin.
+    assert "SGLANG_PLUGINS" not in ours and "SGLANG_PLUGINS" not in dense
+    assert "M3SERVE_SPARSE_BACKEND" not in ours
+    assert up["SGLANG_PLUGINS"] == "m3serve_portable,m3serve_upstream_arm"
+    assert up["M3SERVE_SPARSE_BACKEND"] == "upstream"
+
+
+def test_arm_dist_registers_the_plugin(tmp_path):
+    site = run_e2e.write_arm_dist(tmp_path / "site")
+    eps = [ep for d in importlib.metadata.distributions(path=[str(site)]) for ep in d.entry_points]
+    assert [(ep.group, ep.name, ep.value) for ep in eps] == [
+        ("sglang.srt.plugins", e2e_arm_plugin.ENTRY_POINT, "e2e_arm_plugin:register")]
+
+
+def test_arm_plugin_is_inert_without_switch(monkeypatch):
+    monkeypatch.delenv(e2e_arm_plugin.SWITCH_ENV, raising=False)
+    assert not e2e_arm_plugin.enabled()
+    e2e_arm_plugin.register()  # no-op, no sglang import needed
+    monkeypatch.setenv(e2e_arm_plugin.SWITCH_ENV, "upstream")
+    assert e2e_arm_plugin.enabled()
+
+
+def test_arm_plugin_installs_only_the_enabling_hooks():
+    from m3serve import plugin
+
+    targets = {t for t, _, _ in e2e_arm_plugin.hooks()}
+    ours = {t: kind for t, _, kind in plugin.hooks()}
+    assert targets < set(ours)
+    assert not any("MiniMaxSparseAttnBackend" in t for t in targets)  # upstream computes the sparse layers
+
+
+def test_bench_commands(tmp_path):
+    shape = run_e2e.SHAPES["full"]
+    cmd = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "o.json", 300)
+    args = dict(zip(cmd[3::2], cmd[4::2]))
+    assert cmd[1:3] == ["-m", "m3bench.cli"]
+    assert args["--prefix-tokens"] == "60000" and args["--concurrency"] == "8" and args["--turns"] == "4"
+    assert args["--output-tokens"] == "256" and args["--tokenizer"] == str(tmp_path)
+    assert "--output-details" in cmd
+    warm = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "w.json", 300, warmup_pass=True)
+    wargs = dict(zip(warm[3::2], warm[4::2]))
+    assert wargs["--turns"] == "1" and wargs["--seed"] != args["--seed"]  # other sessions, same prefix
+    assert wargs["--prefix-tokens"] == "60000"
+
+
+def test_bench_cli_accepts_the_command(tmp_path):
+    from m3bench.cli import _check_args, build_parser
+
+    cmd = run_e2e.bench_command("http://h:1/v1", tmp_path, run_e2e.SHAPES["quick"], tmp_path / "o.json", 100)
+    parser = build_parser()
+    args = parser.parse_args(cmd[3:])
+    spec = _check_args(parser, args)
+    assert spec.prefix_tokens == 8000 and args.concurrency == [8]
+
+
+def test_arg_parsing():
+    a = run_e2e.parse_args(["--out", "/tmp/x/out", "--arms", "ours,dense", "--shape", "quick"])
+    assert a.arms == ["ours", "dense"] and a.work == "/tmp/x/e2e_work"
+    with pytest.raises(SystemExit):
+        run_e2e.parse_args(["--out", "/tmp/x", "--arms", "ours,flash"])
+
+
+# ------------------------------------------------------------------------------------------- results
+
+LOG = """\
+[2026-11-26 10:00:01] Decode batch, #running-req: 8, #token: 70000, gen throughput (token/s): 410.5, #queue-req: 0
+[2026-11-26 10:00:02] Decode batch, #running-req: 0, #token: 0, gen throughput (token/s): 0.00, #queue-req: 0
+[2026-11-26 10:00:03] Decode batch, #running-req: 8, #token: 70100, gen throughput (token/s): 400.0, #queue-req: 0
+Triton kernel '_topk_index_partial_kernel' took 3.9 s to compile after serving started
+[m3serve] M3 sparse decode ran msa_kernels.ops.index_topk + sparse_attention
+Traceback (most recent call last):
+"""
+
+
+def test_server_log_stats():
+    s = run_e2e.server_log_stats(LOG)
+    assert s["triton_compiles_logged"] == 1 and s["triton_compile_s"] == 3.9
+    assert s["gen_throughput_lines"] == 3 and s["gen_throughput_median"] == 410.5 and s["gen_throughput_max"] == 410.5
+    assert s["tracebacks"] == 1 and len(s["m3serve_lines"]) == 1
+
+
+def _bench_json(out_tps: float) -> dict:
+    dist = {"mean": 1.0, "std": 0.0, "p50": 10.0, "p90": 20.0, "p99": 30.0, "max": 40.0}
+    return {"points": [{"summary": {
+        "completed": 16, "failed": 0, "output_throughput": out_tps, "request_throughput": 0.5,
+        "total_throughput": 9000.0, "ttft_ms": dist, "tpot_ms": dist, "itl_ms": {**dist, "p95": 25.0},
+        "e2e_latency_ms": dist, "cached_token_ratio": 0.9, "duration_s": 30.0}}]}
+
+
+def test_table_ratio_against_upstream():
+    rows = [run_e2e.summary_row(run_e2e.ArmResult("ours", "ok", bench=_bench_json(300.0))),
+            run_e2e.summary_row(run_e2e.ArmResult("upstream", "ok", bench=_bench_json(150.0))),
+            run_e2e.summary_row(run_e2e.ArmResult("dense", "failed", reason="boom"))]
+    table = run_e2e.format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 5 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| ours | ok | 16/0 | 300.0 | 2.00x |" in table
+    assert "| upstream | ok | 16/0 | 150.0 | 1.00x |" in table
+    assert lines[-1].startswith("| dense | failed |")
+    assert "90.0%" in table
+
+
+def test_write_outputs_at_most_three_files(tmp_path):
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "ours_worker.log").write_text(LOG)
+    report = {"shape_name": "quick", "shape": {}, "server_flags": ["--x"], "date": "d",
+              "environment": {"card": "NVIDIA H100 80GB HBM3", "device": "cuda"},
+              "arms": {"ours": run_e2e.asdict(run_e2e.ArmResult("ours", "ok", bench=_bench_json(1.0)))}}
+    js, md = run_e2e.write_outputs(tmp_path / "out", work, report)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["logs.tar.gz", "summary.json", "summary.md"]
+    assert json.loads(js.read_text())["table_rows"][0]["output_tok_s"] == 1.0
+    assert "H100" in md.read_text()
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        assert tar.getnames() == ["ours_worker.log"]
+
+
+@pytest.mark.parametrize("info,slug", [({"card": "NVIDIA H100 80GB HBM3"}, "h100"), ({"card": "NVIDIA H200"}, "h200"),
+                                       ({"device": "cpu"}, "cpu")])
+def test_card_slug(info, slug):
+    assert run_e2e.card_slug(info) == slug
+
+
+# ------------------------------------------------------------------------------------------- bundle + setup
+
+BUNDLE_SCRIPT = REPO / "scripts" / "prepare_gpu_e2e_bundle.sh"
+
+
+def test_bundle_script_syntax_and_package_list():
+    subprocess.run(["bash", "-n", str(BUNDLE_SCRIPT)], check=True)
+    text = BUNDLE_SCRIPT.read_text()
+    block = re.search(r"WHEELS=\((.*?)\)", text, re.S).group(1)
+    reqs = block.split()
+    assert len(reqs) == 31  # research/sglang_gpu_feasibility.md section 4
+    names = [r.split("==")[0].lower().replace("_", "-") for r in reqs]
+    assert len(set(names)) == len(names) and all("==" in r for r in reqs)
+    assert "transformers==5.19.0" in reqs  # sglang 0.5.23 pins it; the image has 5.17
+    assert ".baseline/e2e" in text and "--python-version 3.12" in text
+
+
+def test_bundle_paths_are_ignored():
+    out = subprocess.run(["git", "check-ignore", ".baseline/e2e/x", ".baseline/e2e_cache/y"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and len(out.stdout.split()) == 2
+
+
+def _fake_wheel(folder: Path, name: str) -> Path:
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    di = f"{name}-0.1.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/__init__.py", "VALUE = 1\n")
+        z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{di}/RECORD", "")
+    return path
+
+
+def test_setup_site_on_a_fake_bundle(tmp_path):
+    bundle = tmp_path / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    _fake_wheel(bundle / "wheels", "fakepkg_one")
+    _fake_wheel(bundle / "wheels", "fakepkg_two")
+    src = tmp_path / "src" / "sglang"
+    src.mkdir(parents=True)
+    (src / "__init__.py").write_text("__version__ = '0.5.23'\n")
+    subprocess.run(["tar", "-cJf", str(bundle / "sglang_stripped.tar.xz"), "-C", str(tmp_path / "src"), "sglang"],
+                   check=True)
+    (bundle / "dist" / "m3serve-0.1.0.dist-info").mkdir(parents=True)
+    (bundle / "dist" / "m3serve-0.1.0.dist-info" / "entry_points.txt").write_text("[x]\n")
+    (bundle / "stubs").mkdir()
+    site = tmp_path / "site"
+    env = {**os.environ, "E2E_BUNDLE": str(bundle), "E2E_SITE": str(site), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(GPU_DIR / "setup_site.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("export PYTHONPATH=")
+    parts = line.split("=", 1)[1].split(":")
+    assert parts[0] == str(site) and parts[-1] == str(bundle / "stubs")
+    assert parts[1:4] == [str(REPO / "python"), str(REPO / "kernels"), str(REPO / "benchmarks")]
+    for rel in ("fakepkg_one/__init__.py", "fakepkg_two/__init__.py", "sglang/__init__.py",
+                "m3serve-0.1.0.dist-info/entry_points.txt"):
+        assert (site / rel).is_file(), rel
+
+
+def test_setup_site_without_bundle_fails(tmp_path):
+    env = {**os.environ, "E2E_BUNDLE": str(tmp_path / "none"), "E2E_SITE": str(tmp_path / "s")}
+    out = subprocess.run(["bash", str(GPU_DIR / "setup_site.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "no bundle" in out.stderr
