@@ -102,6 +102,15 @@ def case_fp8_index_k():
     return res
 
 
+def case_mixed_dtypes():
+    # q and keys of different 16/32-bit dtypes: both go to fp32, no key is rounded to q's dtype first
+    import torch
+
+    res = _both_paths([2300, 700], [1, 1], heads=4, q_dtype=torch.float32, k_dtype=torch.float16)
+    res += _both_paths([2200], [40], heads=2, q_dtype=torch.float16, k_dtype=torch.float32)
+    return res
+
+
 def case_bad_inputs():
     import torch
 

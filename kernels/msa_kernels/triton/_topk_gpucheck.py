@@ -102,7 +102,7 @@ def check_selections() -> None:
 def check_graph_replay() -> None:
     """Capture decode top-k in a CUDA graph, change the inputs in place, replay: must match eager."""
     seqs = [60000 + 97 * i for i in range(8)]
-    p, q_idx, kc = make_batch(seqs, [1] * 8, 4, shared_blocks=468, q_dtype=BF16, device="cuda")
+    p, q_idx, kc = make_batch(seqs, [1] * 8, 4, shared_blocks=468, q_dtype=BF16, k_dtype=BF16, device="cuda")
     prepare_index_topk(p, 4, kc.shape[0] // BLOCK_SIZE)
     out = torch.empty(8, 4, 16, dtype=torch.int32, device="cuda")
     index_topk(p, q_idx, kc, out=out)  # compile outside capture
@@ -269,7 +269,7 @@ def variants() -> None:
                 chunk_blocks=w.chunk_blocks)
     _topk_worklist.ITEMS_PER_SM = 2
     for stages in (3,):
-        index_topk_module.EXTEND_STAGES = stages
+        index_topk_module.EXTEND_STAGES_SPLIT = index_topk_module.EXTEND_STAGES_FINAL = stages
         for seqs, qls in [([61952], [2048]), ([65536], [65536])]:
             if out_of_time("extend stages"):
                 break
@@ -277,7 +277,7 @@ def variants() -> None:
             out = torch.empty(q.shape[0], 4, 16, dtype=torch.int32, device="cuda")
             us = time_events(lambda p=p, q=q, kc=kc, out=out: index_topk(p, q, kc, out=out), 5)
             log(kind="variant", what=f"extend_stages={stages}", B=1, N=seqs[0], T=qls[0], us=us)
-    index_topk_module.EXTEND_STAGES = 2
+    index_topk_module.EXTEND_STAGES_SPLIT, index_topk_module.EXTEND_STAGES_FINAL = 2, 3
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ candidates per row at most in practice), then a 16-wide sort of the ids: ascendi
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -75,7 +76,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
-    FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IEEE: tl.constexpr,
+    FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -99,6 +100,8 @@ def _score_kernel(
         local = tl.load(q_pos_ptr + t, mask=row_ok, other=0) // PAGE
         q = tl.load(q_ptr + t.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
+        if IN_F32:
+            q = q.to(tl.float32)
         # Distinct sentinels, so that "the slot holding the row minimum" is always exactly one slot.
         top = tl.full([BLOCK_M, KS], _NONE_KEY, tl.int64) + kcol[None, :]
         page_row = pt_ptr + b_ref.to(tl.int64) * stride_pt
@@ -110,7 +113,7 @@ def _score_kernel(
             kt = tl.load(kc_ptr + (slot0 + tok)[None, :] * stride_ks + d[:, None])  # [D, PAGE]
             if K_NEEDS_CAST:
                 kt = kt.to(tl.float32).to(q.dtype)
-            if IEEE:
+            if IN_F32:
                 s = tl.dot(q, kt, input_precision="ieee")
             else:
                 s = tl.dot(q, kt)
@@ -146,7 +149,12 @@ def _merge_kernel(
 
 
 def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
-    cast = index_k_cache.dtype != q_idx.dtype
+    # The dot runs in q's dtype when the keys convert to it exactly (same dtype, or fp8 keys: e4m3 values
+    # are exact in bf16 and fp16); otherwise (bf16 q with fp16 keys, fp32 anywhere) both go to fp32 and the
+    # dot runs in full fp32 precision, so no key loses bits before the product.
+    exact_in_q = index_k_cache.dtype == q_idx.dtype or (
+        index_k_cache.dtype == torch.float8_e4m3fn and q_idx.dtype in (torch.bfloat16, torch.float16))
+    in_f32 = not exact_in_q or q_idx.dtype == torch.float32
     cand = work.candidates if not work.final else out
     _score_kernel[(work.grid,)](
         q_idx, q_idx.stride(0), q_idx.stride(1),
@@ -159,22 +167,26 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         H=work.heads, D=q_idx.shape[2], PAGE=128,
         BLOCK_M=work.block_m, KS=work.keep,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
-        FINAL=work.final, K_NEEDS_CAST=cast, IEEE=q_idx.dtype.itemsize == 4,
+        FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
-MERGE_TILE_KEYS = 2048  # candidate keys one merge program holds (rows x padded candidates per row)
+# Candidate keys per merge warp. The 15 selection passes are latency-bound max-reductions: inside one warp
+# they are shuffles only, across warps each pass adds shared-memory round trips and barriers (a 4-row,
+# 8-warp program took ~10 us for 470 candidates a row on an H100). So: a warp per row (or per few rows).
+MERGE_KEYS_PER_WARP = 1024
 
 
 def launch_merge(work, plan, out):
     n_rows = plan.num_tokens * work.heads
     lp = triton.next_power_of_2(work.n_chunks * work.keep)
-    rb = max(1, min(64, MERGE_TILE_KEYS // lp))
+    rb = max(1, min(16, MERGE_KEYS_PER_WARP // lp))
+    warps = max(1, min(8, rb * lp // MERGE_KEYS_PER_WARP))
     _merge_kernel[(triton.cdiv(n_rows, rb),)](
         work.candidates, plan.q_pos, out,
         n_rows, work.n_chunks, work.chunk_blocks,
         H=work.heads, PAGE=128, KS=work.keep, RB=rb, LP=lp,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
-        num_warps=4 if lp * rb <= 1024 else 8,
+        num_warps=warps,
     )
