@@ -10,6 +10,7 @@ toy prefix cache (the prompts it has seen) so `meta_info.cached_tokens` reflects
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +56,7 @@ class FakeWorker:
         self.aborts: list[str] = []
         self.seen_prompts: list[list[int]] = []
         self.active: dict[str, threading.Event] = {}
+        self.connections: set = set()
         self.config: dict[str, Any] = {}
         self.configure()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -92,9 +94,17 @@ class FakeWorker:
             )
 
     def stop(self) -> None:
-        """Stop listening (connections are refused afterwards), like a killed worker."""
+        """Die like a killed worker: stop listening and drop every open (keep-alive) connection."""
         self.server.shutdown()
         self.server.server_close()
+        with self.lock:
+            conns, self.connections = list(self.connections), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
 
     # ---- the worker's logic -------------------------------------------------------------------
 
@@ -125,6 +135,19 @@ class FakeWorker:
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with worker.lock:
+                    worker.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with worker.lock:
+                    worker.connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
 
             def _json(self, code: int, obj: Any) -> None:
                 data = json.dumps(obj).encode()
@@ -217,6 +240,8 @@ class FakeWorker:
                         return m
 
                     if not body.get("stream"):
+                        if cfg["token_delay"] and stop.wait(cfg["token_delay"] * (len(pieces) - 1)):
+                            return  # aborted while "generating"
                         text = "".join(pieces)
                         self._json(
                             200,

@@ -184,9 +184,9 @@ def test_length_finish_and_completions_endpoint(fake_workers, start_gateway):
     r = chat(c, max_completion_tokens=2)
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == "Hell" + "o fr"
     r = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, logprobs=1)
-    assert r.object == "text_completion" and r.choices[0].text == "Hello from "
+    assert r.object == "text_completion" and r.choices[0].text == "Hello from t"
     assert r.choices[0].finish_reason == "length"
-    assert r.choices[0].logprobs.tokens == ["Hell", "o fr", "om t"][:3] or r.choices[0].logprobs.tokens
+    assert r.choices[0].logprobs.tokens == ["Hell", "o fr", "om t"]
     assert w.requests[-1]["input_ids"] == list(b"Once upon")
     assert "skip_special_tokens" not in w.requests[-1]["sampling_params"]
     text = "".join(
@@ -312,34 +312,34 @@ def test_prefix_affinity_and_sessions(fake_workers, start_gateway):
     workers = fake_workers(3)
     gw = start_gateway([w.url for w in workers])
     c = client(gw)
-    system = "You are an agent. " * 40  # ~720 bytes: 5 full 128-token chunks
-    served_by = []
+    system = "You are an agent. " * 40  # ~750 prompt tokens in bytes mode: 5 full 128-token chunks
     for conv in range(3):
         history = [{"role": "system", "content": f"[conv {conv}] " + system}]
         for turn in range(4):
             history.append({"role": "user", "content": f"turn {turn}"})
             r = c.chat.completions.create(model=MODEL, messages=history)
             history.append({"role": "assistant", "content": r.choices[0].message.content})
-            owner = [
-                i
-                for i, w in enumerate(workers)
-                if w.requests and w.requests[-1]["rid"] in {b["rid"] for b in w.requests}
-            ]
-            served_by.append((conv, turn, max(owner, key=lambda i: len(workers[i].requests))))
-            if turn > 0:
+            if turn > 0:  # the worker that served the previous turns has the prefix cached
                 assert r.usage.prompt_tokens_details.cached_tokens >= 640, (conv, turn)
-    # each worker got exactly one conversation (4 turns each): affinity and spreading
-    assert sorted(len(w.requests) for w in workers) == [4, 4, 4]
-    assert gw.metric("m3gw_affinity_matched_tokens_total") > 0
-    # session header: sticky even for unrelated prompts
+
+    def convs(w) -> list[str]:
+        return [bytes(b["input_ids"][:20]).decode(errors="replace").split("]")[0] for b in w.requests]
+
+    owners = {}
+    for i, w in enumerate(workers):
+        for tag in convs(w):
+            owners.setdefault(tag, set()).add(i)
+    assert len(owners) == 3 and all(len(o) == 1 for o in owners.values()), owners  # every turn on one worker
+    assert len({next(iter(o)) for o in owners.values()}) == 3, "cold conversations spread over idle workers"
+    assert gw.metric("m3gw_affinity_matched_tokens_total") >= 9 * 640
+    # session header: sticky even for unrelated short prompts
     for i in range(4):
         c.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"q{i}"}],
             extra_headers={"x-session-id": "agent-7"},
         )
-    counts = [len(w.requests) for w in workers]
-    assert sorted(counts) == [4, 4, 8]
+    assert sorted(len(w.requests) for w in workers) == [4, 4, 8]
 
 
 def test_failover_when_a_worker_dies(fake_workers, start_gateway):

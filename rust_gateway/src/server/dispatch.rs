@@ -19,6 +19,8 @@ pub struct Accepted {
     pub responses: Vec<reqwest::Response>,
     pub slots: Vec<InFlight>,
     pub reason: Reason,
+    /// Armed for every choice: dropping it before the generations finish aborts them on the worker.
+    pub abort: AbortOnDrop,
 }
 
 /// Map a worker failure to what the client sees.
@@ -74,6 +76,10 @@ pub async fn dispatch(
             continue;
         }
         let slot = InFlight::new(Arc::clone(&worker));
+        let rids: Vec<String> =
+            bodies.iter().filter_map(|b| b.get("rid").and_then(Value::as_str).map(String::from)).collect();
+        // Armed before sending: if the client goes away while we wait, the worker is told to stop.
+        let mut abort = AbortOnDrop::new(st.client.clone(), worker.url.clone(), rids, st.metrics.client_aborts.clone());
         match st.client.generate(&worker.url, &bodies[0], deadline).await {
             Ok(first) => {
                 worker.record_success();
@@ -84,7 +90,7 @@ pub async fn dispatch(
                     match st.client.generate(&worker.url, body, deadline).await {
                         Ok(r) => responses.push(r),
                         Err(e) => {
-                            abort_all(&st.client, &worker.url, &bodies[..responses.len()]);
+                            abort.abort_now();
                             return Err(upstream_to_api(&e));
                         }
                     }
@@ -93,7 +99,7 @@ pub async fn dispatch(
                 st.metrics.routed_prompt_tokens.inc_by(prompt_tokens as u64);
                 let matched = (decision.matched_chunks * st.cfg.prefix_chunk_tokens).min(prompt_tokens);
                 st.metrics.affinity_matched_tokens.inc_by(matched as u64);
-                return Ok(Accepted { worker, responses, slots, reason: decision.reason });
+                return Ok(Accepted { worker, responses, slots, reason: decision.reason, abort });
             }
             Err(e) => {
                 let kind = match &e {
@@ -115,7 +121,9 @@ pub async fn dispatch(
                 tracing::warn!(worker = %worker.url, attempt, error = %e, "worker request failed");
                 if matches!(e, UpstreamError::Timeout) {
                     // The worker may still run it: stop it there.
-                    abort_all(&st.client, &worker.url, &bodies[..1]);
+                    abort.abort_now();
+                } else {
+                    abort.disarm(); // refused or never arrived: nothing runs on the worker
                 }
                 let api = upstream_to_api(&e);
                 if e.is_retryable() && attempt < st.cfg.max_retries {
@@ -128,15 +136,6 @@ pub async fn dispatch(
         }
     }
     Err(last_err.unwrap_or_else(|| ApiError::unavailable("No healthy worker is available.")))
-}
-
-fn abort_all(client: &WorkerClient, url: &str, bodies: &[Value]) {
-    for b in bodies {
-        if let Some(rid) = b.get("rid").and_then(Value::as_str) {
-            let (client, url, rid) = (client.clone(), url.to_string(), rid.to_string());
-            tokio::spawn(async move { client.abort(&url, &rid).await });
-        }
-    }
 }
 
 /// Aborts unfinished requests on the worker when dropped while armed (client disconnected, or
@@ -161,14 +160,18 @@ impl AbortOnDrop {
     pub fn disarm(&mut self) {
         self.pending.clear();
     }
-}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
+    /// Abort everything still pending now, for a reason other than the client leaving.
+    pub fn abort_now(&mut self) {
+        self.metrics_hook = None;
+        self.fire();
+    }
+
+    fn fire(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        if let Some(c) = &self.metrics_hook {
+        if let Some(c) = self.metrics_hook.take() {
             c.inc();
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
@@ -176,8 +179,14 @@ impl Drop for AbortOnDrop {
             let (client, url) = (self.client.clone(), self.url.clone());
             handle.spawn(async move {
                 let ok = client.abort(&url, &rid).await;
-                tracing::info!(worker = %url, rid = %rid, aborted = ok, "client went away: aborted on worker");
+                tracing::info!(worker = %url, rid = %rid, aborted = ok, "aborted on worker");
             });
         }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.fire();
     }
 }

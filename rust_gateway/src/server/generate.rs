@@ -1,7 +1,8 @@
 //! POST /v1/chat/completions and /v1/completions: validate, preprocess, route, then either stream
 //! SSE chunks or collect one response.
 
-use super::dispatch::{dispatch, AbortOnDrop, Accepted};
+use super::client_conn::ClientConn;
+use super::dispatch::{dispatch, Accepted};
 use super::AppState;
 use crate::api::objects::{chat_logprobs, completion_logprobs, finish_reason, new_id, unix_now, Usage};
 use crate::api::params::{self, Endpoint, GenParams};
@@ -33,7 +34,13 @@ struct Job {
     started: Instant,
 }
 
-pub async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+pub async fn handle(
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    conn: ClientConn,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let route = match endpoint {
         Endpoint::Chat => "chat_completions",
@@ -45,7 +52,7 @@ pub async fn handle(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, b
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(String::from)
         .unwrap_or_else(|| new_id("req"));
-    let mut resp = match run(&st, endpoint, &headers, body, started, &request_id).await {
+    let mut resp = match run(&st, endpoint, &conn, &headers, body, started, &request_id).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(request_id = %request_id, route, status = e.status.as_u16(), error = %e.message, "request refused");
@@ -86,6 +93,7 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
 async fn run(
     st: &Arc<AppState>,
     endpoint: Endpoint,
+    conn: &ClientConn,
     headers: &HeaderMap,
     body: Body,
     started: Instant,
@@ -131,9 +139,6 @@ async fn run(
     let rids: Vec<String> = (0..params.n).map(|i| format!("{rid_base}-{i}")).collect();
     let bodies: Vec<Value> =
         rids.iter().enumerate().map(|(i, rid)| worker_body(&params, &prompt, max_new_tokens, rid, i)).collect();
-    let accepted = dispatch(st, &bodies, &hashes, session_key.as_deref(), prompt.input_ids.len()).await?;
-    tracing::debug!(request_id, worker = %accepted.worker.url, reason = accepted.reason.as_str(), "routed");
-
     let job = Job {
         endpoint,
         id: new_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
@@ -143,10 +148,23 @@ async fn run(
         rids,
         started,
     };
-    if job.params.stream {
-        Ok(stream_response(Arc::clone(st), job, accepted, request_id.to_string()))
-    } else {
-        collect_response(st, job, accepted, request_id).await
+    let work = async {
+        let accepted = dispatch(st, &bodies, &hashes, session_key.as_deref(), job.prompt.input_ids.len()).await?;
+        tracing::debug!(request_id, worker = %accepted.worker.url, reason = accepted.reason.as_str(), "routed");
+        if job.params.stream {
+            Ok(stream_response(Arc::clone(st), job, accepted, request_id.to_string()))
+        } else {
+            collect_response(st, job, accepted, request_id).await
+        }
+    };
+    // A client that hangs up before its response starts cancels the request: dropping `work` drops
+    // the armed abort guard, which tells the worker. (Streams watch their channel instead.)
+    tokio::select! {
+        r = work => r,
+        _ = conn.closed(Duration::from_millis(50)) => {
+            tracing::info!(request_id, "client disconnected before the response");
+            Err(ApiError::invalid("client disconnected").with_code("client_closed_request"))
+        }
     }
 }
 
@@ -235,9 +253,7 @@ async fn collect_response(
     accepted: Accepted,
     request_id: &str,
 ) -> Result<Response, ApiError> {
-    let Accepted { worker, responses, slots, reason } = accepted;
-    let mut abort =
-        AbortOnDrop::new(st.client.clone(), worker.url.clone(), job.rids.clone(), st.metrics.client_aborts.clone());
+    let Accepted { worker, responses, slots, reason, mut abort } = accepted;
     let deadline = Duration::from_secs_f64(st.cfg.upstream_timeout_secs);
     let mut choices = Vec::new();
     let mut usage = Usage { prompt_tokens: job.prompt.input_ids.len(), ..Default::default() };
@@ -402,9 +418,7 @@ fn parsed_to_delta(d: ParsedDelta) -> (Value, bool) {
 }
 
 async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc::Sender<Bytes>, request_id: String) {
-    let Accepted { worker, responses, slots, reason } = accepted;
-    let mut abort =
-        AbortOnDrop::new(st.client.clone(), worker.url.clone(), job.rids.clone(), st.metrics.client_aborts.clone());
+    let Accepted { worker, responses, slots, reason, mut abort } = accepted;
     let idle = Duration::from_secs_f64(st.cfg.upstream_timeout_secs);
     let mut states: Vec<ChoiceStream> = (0..responses.len())
         .map(|_| ChoiceStream {

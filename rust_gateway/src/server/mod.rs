@@ -1,6 +1,7 @@
 //! The HTTP server: shared state, routes, background tasks, and shutdown on SIGINT/SIGTERM.
 
 pub mod admin;
+pub mod client_conn;
 pub mod dispatch;
 pub mod generate;
 
@@ -15,10 +16,11 @@ use crate::routing::Router as AffinityRouter;
 use crate::workers::client::WorkerClient;
 use crate::workers::{health, kubernetes, WorkerPool, WorkerSource};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use client_conn::ClientConn;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,12 +87,22 @@ pub fn app(st: Arc<AppState>) -> axum::Router {
         .with_state(st)
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    generate::handle(st, Endpoint::Chat, headers, body).await
+/// The client's connection handle (absent for requests not served by our TCP listener).
+fn split(request: Request) -> (ClientConn, HeaderMap, Body) {
+    let (parts, body) = request.into_parts();
+    let conn =
+        parts.extensions.get::<ConnectInfo<ClientConn>>().map(|c| c.0.clone()).unwrap_or_else(ClientConn::unknown);
+    (conn, parts.headers, body)
 }
 
-async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    generate::handle(st, Endpoint::Completion, headers, body).await
+async fn chat_completions(State(st): State<Arc<AppState>>, request: Request) -> Response {
+    let (conn, headers, body) = split(request);
+    generate::handle(st, Endpoint::Chat, conn, headers, body).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, request: Request) -> Response {
+    let (conn, headers, body) = split(request);
+    generate::handle(st, Endpoint::Completion, conn, headers, body).await
 }
 
 fn model_card(st: &AppState) -> serde_json::Value {
@@ -171,7 +183,8 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(Arc::clone(&st))).with_graceful_shutdown({
+    let make_service = app(Arc::clone(&st)).into_make_service_with_connect_info::<ClientConn>();
+    let server = axum::serve(listener, make_service).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.changed().await;

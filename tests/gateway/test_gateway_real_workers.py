@@ -1,0 +1,198 @@
+"""The gateway in front of real SGLang workers serving the tiny M3 on CPU (`m3serve worker`), in
+production mode (the checkpoint's chat template and tokenizer in Rust), through the openai client:
+plain and streamed chat, tools, completions, usage with cached tokens, prefix affinity across two
+workers, and failover when one worker is killed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from m3serve.serving.processes import ManagedProcess, free_port, wait_healthy
+from m3serve.serving.worker import build_launch
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+STARTUP_TIMEOUT_S = float(os.environ.get("M3SERVE_TEST_STARTUP_TIMEOUT", "420"))
+WORKER_ARGS = [
+    "--dtype",
+    "float32",
+    "--max-total-tokens",
+    "8192",
+    "--skip-server-warmup",
+    "--enable-cache-report",
+    "--log-level",
+    "warning",
+    "--mem-fraction-static",
+    "0.3",
+]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tiny_checkpoint, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gw-real")
+    procs, urls = [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            launch = build_launch(
+                ["--model-path", str(tiny_checkpoint), "--device", "cpu", "--port", str(port), *WORKER_ARGS],
+                dict(os.environ),
+            )
+            procs.append(
+                ManagedProcess(f"worker{i}", launch.command, launch.env, workdir / f"w{i}.log").start()
+            )
+            urls.append(launch.url)
+        for url in urls:
+            wait_healthy(url, procs, STARTUP_TIMEOUT_S)
+        yield list(zip(urls, procs, strict=True))
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(two_workers, tiny_checkpoint, tmp_path_factory):
+    from m3serve.gateway import gateway_command
+
+    port = free_port()
+    cmd = gateway_command(
+        [u for u, _ in two_workers],
+        str(tiny_checkpoint),
+        "127.0.0.1",
+        port,
+        [
+            "--served-model-name",
+            "tiny-m3",
+            "--health-interval",
+            "1",
+            "--default-max-tokens",
+            "16",
+            "--admin-key",
+            "adm",
+        ],
+    )
+    proc = ManagedProcess(
+        "gateway", cmd, dict(os.environ), Path(tmp_path_factory.mktemp("gw")) / "gw.log"
+    ).start()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", [proc], 60)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.stop()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_chat_plain_and_streamed(gateway):
+    url, _ = gateway
+    c = client(url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    r = c.chat.completions.create(model="tiny-m3", messages=msgs, max_tokens=8, temperature=0)
+    assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 5
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny-m3",
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    # greedy decoding: the streamed text equals the non-streamed text
+    streamed = "".join(
+        (ch.choices[0].delta.content or "") + (getattr(ch.choices[0].delta, "reasoning_content", None) or "")
+        for ch in chunks
+        if ch.choices
+    )
+    whole = (r.choices[0].message.content or "") + (
+        getattr(r.choices[0].message, "reasoning_content", None) or ""
+    )
+    assert sorted(streamed) == sorted(whole)
+
+
+def test_tools_logprobs_and_completions(gateway):
+    url, _ = gateway
+    c = client(url)
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
+    r = c.chat.completions.create(
+        model="tiny-m3",
+        messages=[{"role": "user", "content": "time?"}],
+        tools=tools,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        seed=3,
+    )
+    assert r.choices[0].finish_reason in {"stop", "length", "tool_calls"}
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    r = c.completions.create(model="tiny-m3", prompt="The sky is", max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_errors_from_real_stack(gateway):
+    url, _ = gateway
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": "tiny-m3",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,not-base64!!"}}
+                    ],
+                }
+            ],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "tiny-m3", "messages": [{"role": "user", "content": "word " * 200000}]},
+        timeout=120,
+    )
+    assert r.status_code == 400, r.text
+    ok = client(url).chat.completions.create(
+        model="tiny-m3", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_affinity_then_failover(gateway, two_workers):
+    url, _ = gateway
+    c = client(url)
+    history = [{"role": "system", "content": "You are a careful agent. " * 60}]
+    cached = []
+    for turn in range(3):
+        history.append({"role": "user", "content": f"step {turn}"})
+        r = c.chat.completions.create(model="tiny-m3", messages=history, max_tokens=4, temperature=0)
+        history.append({"role": "assistant", "content": r.choices[0].message.content or "ok"})
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    assert cached[1] >= 256 and cached[2] >= 256, cached  # later turns hit the same worker's radix cache
+    # kill the worker that holds the conversation: the next turns go to the other one
+    info = httpx.get(url + "/admin/workers", headers={"x-admin-key": "adm"}).json()["workers"]
+    owner = max(info, key=lambda w: w["requests_total"])["url"]
+    dict(two_workers)[owner].stop()
+    for i in range(3):
+        history.append({"role": "user", "content": f"after {i}"})
+        r = c.chat.completions.create(model="tiny-m3", messages=history, max_tokens=2)
+        history.append({"role": "assistant", "content": r.choices[0].message.content or "ok"})
+        assert r.usage.completion_tokens >= 1
+    info = httpx.get(url + "/admin/workers", headers={"x-admin-key": "adm"}).json()["workers"]
+    assert not next(w for w in info if w["url"] == owner)["healthy"]
