@@ -459,3 +459,89 @@ def test_admin_api_adds_and_removes_workers(fake_workers, start_gateway):
     assert len(a.requests) == 0 and len(b.requests) == 3
     r = httpx.delete(gw.url + "/admin/workers", params={"url": a.url}, headers={"x-admin-key": "adm"})
     assert r.status_code == 404
+
+
+class FakeKubeApi:
+    """A fake Kubernetes API server: GET /api/v1/namespaces/{ns}/pods?labelSelector=... returns
+    `self.pods`; records the requests so the test can check the selector and the bearer token."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.pods: list[dict] = []
+        self.seen: list[tuple[str, str]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                api.seen.append((self.path, self.headers.get("authorization", "")))
+                data = json.dumps({"kind": "PodList", "items": api.pods}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    @staticmethod
+    def pod(name: str, port: int, ready: bool = True) -> dict:
+        return {
+            "metadata": {"name": name, "annotations": {"m3serve.io/port": str(port)}},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
+        }
+
+
+def test_kubernetes_pod_discovery(fake_workers, start_gateway, tmp_path):
+    a, b = fake_workers(2)
+    api = FakeKubeApi()
+    token = tmp_path / "token"
+    token.write_text("sa-token-123\n")
+    api.pods = [api.pod("w-a", a.port), api.pod("w-b", b.port, ready=False)]
+    gw = start_gateway(
+        [],
+        "--k8s-selector",
+        "app=m3-worker",
+        "--k8s-namespace",
+        "serving",
+        "--k8s-api-server",
+        api.url,
+        "--k8s-poll-interval",
+        "0.2",
+        "--k8s-token-path",
+        str(token),
+        "--admin-key",
+        "adm",
+        expect_ready=False,
+    )
+    hdr = {"x-admin-key": "adm"}
+
+    def urls() -> list[str]:
+        return sorted(w["url"] for w in httpx.get(gw.url + "/admin/workers", headers=hdr).json()["workers"])
+
+    assert wait_until(lambda: urls() == [a.url], 10), urls()
+    path, auth = api.seen[-1]
+    assert path.startswith("/api/v1/namespaces/serving/pods?labelSelector=app%3Dm3-worker")
+    assert auth == "Bearer sa-token-123"
+    assert chat(client(gw)).choices[0].message.content
+    api.pods = [api.pod("w-a", a.port), api.pod("w-b", b.port)]  # b becomes ready
+    assert wait_until(lambda: urls() == sorted([a.url, b.url]), 10)
+    api.pods = [api.pod("w-b", b.port)]  # a goes away
+    assert wait_until(lambda: urls() == [b.url], 10)
+    for i in range(3):
+        chat(client(gw), f"k{i}")
+    assert len(b.requests) == 3
+    api.server.shutdown()  # API server down: the gateway keeps its current workers
+    time.sleep(0.6)
+    assert urls() == [b.url]
