@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# On: `m3serve serve` (gateway + tiny M3 worker) ran this test end to end at 10:32 UTC (180 s on a busy
+# On: `m3serve serve` (gateway + tiny M3 worker) ran this test end to end at 10:24 UTC (180 s on a busy
 # 2-core machine, almost all of it start-up). M3BENCH_SERVE_SMOKE=0 turns it off.
 ENABLED = os.environ.get("M3BENCH_SERVE_SMOKE", "1") == "1"
 
