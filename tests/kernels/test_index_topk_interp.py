@@ -111,6 +111,48 @@ def case_mixed_dtypes():
     return res
 
 
+def case_graph_refresh():
+    # A decode work list sized at capture time (for_graph) is refilled in place for later batches of the
+    # same size: other lengths, a shared prefix, a short request; a batch that does not fit is refused.
+    import torch
+
+    from msa_kernels import MSAInputError
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_index_topk, refresh_index_topk
+
+    batch, width, heads = 4, 32, 4
+    num_pages = batch * width + 8
+    kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
+
+    def table(shared_blocks=0):
+        pt = torch.randperm(num_pages)[: batch * width].view(batch, width).to(torch.int32)
+        pt[:, :shared_blocks] = pt[0, :shared_blocks]
+        return pt
+
+    captured = make_plan(table(), [3600] * batch)
+    work = prepare_index_topk(captured, heads, num_pages, target_items=12, for_graph=True)
+    assert not work.final and work.block_m == 16
+    results = []
+    for seqs, shared in [([3500, 1, 2049, 3100], 0), ([3400, 3450, 3599, 130], 20)]:
+        new = make_plan(table(shared), seqs)
+        refresh_index_topk(captured, new, heads, num_pages)
+        q = torch.randn(batch, heads, 128).to(torch.float16)
+        work.candidates.fill_(2**62 + 12345)
+        out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
+        index_topk(captured, q, kc, out=out)  # the captured plan's buffers, the new batch's data
+        assert not bool((out == POISON).any())
+        results.append(check_selection(new, q, kc, out))
+    assert results[1]["rows"] and work.n_items_host < 12, "shared pages should pack into fewer items"
+    try:
+        refresh_index_topk(captured, make_plan(table(), [4000, 5, 5, 5]), heads, num_pages)
+    except MSAInputError as e:
+        results.append(str(e))
+    else:
+        raise AssertionError("a longer history than captured must not fit")
+    return results
+
+
 def case_bad_inputs():
     import torch
 

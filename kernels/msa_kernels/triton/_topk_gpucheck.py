@@ -20,11 +20,12 @@ import torch
 
 from .. import reference
 from ..layout import BLOCK_SIZE
+from ..plan import plan as make_plan
 from . import _topk_worklist
 from . import index_topk as index_topk_module
 from ._topk_kernels import launch_score
 from ._topk_testcases import check_selection, make_batch
-from .index_topk import index_topk, prepare_index_topk
+from .index_topk import index_topk, prepare_index_topk, refresh_index_topk
 from .store import store
 
 LOG: list[dict] = []
@@ -117,6 +118,29 @@ def check_graph_replay() -> None:
     torch.cuda.synchronize()
     res = check_selection(p, q_idx, kc, out)
     log(kind="graph", case="decode B8 shared 60k replay with new q/k", ok=True, **res)
+
+    # Capture sized for 8 x 60k (for_graph), then replay batches of other lengths and sharing.
+    width, num_pages = p.page_table.shape[1], kc.shape[0] // BLOCK_SIZE
+    cap = make_plan(p.page_table.clone(), [60000 + 97 * 7] * 8)
+    prepare_index_topk(cap, 4, num_pages, for_graph=True)
+    out2 = torch.empty(8, 4, 16, dtype=torch.int32, device="cuda")
+    q2 = torch.randn(8, 4, 128, device="cuda", dtype=BF16)
+    index_topk(cap, q2, kc, out=out2)
+    torch.cuda.synchronize()
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        index_topk(cap, q2, kc, out=out2)
+    for seqs, shared in [([1, 128, 2049, 5000, 30000, 60000, 60500, 60679], 0), ([59000 + 200 * i for i in range(8)], 400)]:
+        pt = torch.randperm(num_pages)[: 8 * width].view(8, width).to(torch.int32)
+        pt[:, :shared] = pt[0, :shared]
+        new = make_plan(pt.cuda(), seqs)
+        refresh_index_topk(cap, new, 4, num_pages)
+        q2.copy_(torch.randn_like(q2))
+        out2.fill_(POISON)
+        g2.replay()
+        torch.cuda.synchronize()
+        res = check_selection(new, q2, kc, out2)
+        log(kind="graph", case=f"for_graph capture, refreshed batch shared={shared}", ok=True, **res)
 
 
 def check_store() -> None:

@@ -96,7 +96,7 @@ def _check_pages(page_table_cpu: torch.Tensor, req, j0, j1, num_pages: int) -> N
         )
 
 
-def _pack_shared(page_table_cpu, req, j0, j1, row0, nrow, chunk, heads):
+def _pack_shared(page_table_cpu, req, j0, j1, row0, nrow, chunk, heads, max_rows):
     """Decode: merge items of different requests that read the same pages for the same chunk.
 
     Returns items and their row list; each group of identical (j0, pages of [j0, j1)) becomes
@@ -113,7 +113,7 @@ def _pack_shared(page_table_cpu, req, j0, j1, row0, nrow, chunk, heads):
     counts = torch.bincount(group)
     start = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(group)) - start[group]  # position of each member inside its group
-    per_item = max(1, MAX_SHARED_ROWS // heads)
+    per_item = max(1, max_rows // heads)
     items_of_group = (counts + per_item - 1) // per_item
     item_base = torch.cumsum(items_of_group, 0) - items_of_group
     item = item_base[group] + rank // per_item  # members of one item are contiguous in `order`
@@ -129,10 +129,16 @@ def _pack_shared(page_table_cpu, req, j0, j1, row0, nrow, chunk, heads):
 
 def build_topk_work(
     plan: MSAPlan, heads: int, num_pages: int, device: torch.device, sm_count: int,
-    target_items: int | None = None,
+    target_items: int | None = None, like: TopkWork | None = None, for_graph: bool = False,
 ) -> TopkWork:
     """Build the work list for `heads` index heads. `target_items` (default ITEMS_PER_SM x SMs) is how
-    many items the split aims for; tests lower it to exercise the split and merge paths on small shapes."""
+    many items the split aims for; tests lower it to exercise the split and merge paths on small shapes.
+
+    With `like` (a work list a CUDA graph was captured with), the new list keeps `like`'s compile-time
+    sizing (chunk size, rows per item, candidates kept, split or not) and is written into `like`'s
+    buffers in place; MSAInputError if this batch does not fit them (capture a graph sized for it).
+    With `for_graph`, the buffers are sized for the worst case of this batch's lengths (no page shared,
+    items of up to MAX_SHARED_ROWS rows) so that later batches of at most these lengths fit."""
     if heads < 1:
         raise MSAInputError(f"q_idx must have at least one index head, got {heads}")
     target = target_items if target_items is not None else ITEMS_PER_SM * sm_count
@@ -143,6 +149,70 @@ def build_topk_work(
     pt_cpu = plan.page_table.cpu()
 
     live = hist > 0
+    if like is not None:
+        chunk_blocks, final = like.chunk_blocks, like.final
+        n_chunks = -(-max_hist // chunk_blocks) if max_hist else 0
+        if (final and n_chunks > 1) or (not final and n_chunks > like.n_chunks):
+            raise MSAInputError(
+                f"a history of {max_hist} blocks does not fit the captured top-k sizing "
+                f"({like.n_chunks} chunks of {chunk_blocks} blocks): capture a graph sized for it"
+            )
+    else:
+        chunk_blocks = _choose_chunk_blocks(plan, decode, req, hist, live, max_hist, target, pt_cpu)
+        n_chunks = -(-max_hist // chunk_blocks) if max_hist else 0
+        final = n_chunks <= 1
+    if not final:
+        # Tiles with no historical block need no item: the merge gives them their local block alone.
+        req, row0, nrow, hist = req[live], row0[live], nrow[live], hist[live]
+    # In a final run every tile gets an item (possibly empty: j0 = j1 = 0) because the item writes the output.
+    items_req, j0, j1, irow0, inrow, chunk = _split_chunks(req, row0, nrow, hist, chunk_blocks, final)
+    _check_pages(pt_cpu, items_req, j0, j1, num_pages)
+
+    total_rows = plan.num_tokens * heads
+    capacity_items, capacity_rows = len(items_req), int(inrow.sum())  # before any packing: worst case
+    if decode and len(items_req):
+        max_rows = like.block_m if like is not None else MAX_SHARED_ROWS
+        (items_req, j0, j1, irow0, inrow, chunk), rows, _ = _pack_shared(
+            pt_cpu, items_req, j0, j1, irow0, inrow, chunk, heads, max_rows
+        )
+    else:
+        rows = torch.arange(total_rows, dtype=torch.int64)
+    # Longest items first: the persistent programs then finish close together.
+    order = torch.sort(j1 - j0, descending=True, stable=True).indices
+    items = torch.stack([items_req, j0, j1, irow0, inrow, chunk], 1)[order].to(torch.int32)
+    rows = rows.to(torch.int32)
+    n_items = items.shape[0]
+    block_m = max(16, _pow2(int(inrow.max())) if n_items else 1)  # tl.dot needs >= 16 rows
+    if like is not None:
+        return _refill(like, items, rows, block_m, total_rows, heads)
+    keep = min(_pow2(max(1, plan.topk - 1)), _pow2(chunk_blocks))
+    if for_graph:
+        if decode:
+            block_m = max(block_m, _pow2(min(MAX_SHARED_ROWS, plan.batch_size * heads)))
+        item_buf = torch.zeros(max(1, capacity_items), 6, dtype=torch.int32)
+        row_buf = torch.zeros(max(1, capacity_rows, total_rows), dtype=torch.int32)
+        item_buf[:n_items], row_buf[: rows.numel()] = items, rows
+        items, rows = item_buf, row_buf
+    work_list = TopkWork(
+        items=items.contiguous().to(device),
+        rows=rows.to(device) if len(rows) else torch.zeros(1, dtype=torch.int32, device=device),
+        n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
+        n_items_host=n_items,
+        block_m=block_m,
+        chunk_blocks=chunk_blocks,
+        n_chunks=n_chunks,
+        keep=keep,
+        final=final,
+        grid=max(1, min(items.shape[0], 4 * sm_count)),
+        heads=heads,
+    )
+    if not final:
+        work_list.candidates = torch.empty(total_rows, n_chunks, keep, dtype=torch.int64, device=device)
+    return work_list
+
+
+def _choose_chunk_blocks(plan, decode, req, hist, live, max_hist, target, pt_cpu) -> int:
+    """Blocks per chunk: enough items (~target) to fill the GPU, or one chunk when tiles alone do."""
     if decode and bool(live.any()):
         # Work counted in unique pages: a page shared by many requests is read once.
         cols = torch.arange(max_hist)[None, :]
@@ -152,44 +222,30 @@ def build_topk_work(
     else:
         work = int(hist.sum())
     if (not decode and len(req) >= target) or max_hist == 0:
-        chunk_blocks = max(1, max_hist)
-    else:
-        chunk_blocks = min(max(1, -(-work // target)), max_hist)
-    n_chunks = -(-max_hist // chunk_blocks) if max_hist else 0
-    final = n_chunks <= 1
-    if not final:
-        # Tiles with no historical block need no item: the merge gives them their local block alone.
-        req, row0, nrow, hist = req[live], row0[live], nrow[live], hist[live]
-    # In a final run every tile gets an item (possibly empty: j0 = j1 = 0) because the item writes the output.
-    items_req, j0, j1, irow0, inrow, chunk = _split_chunks(req, row0, nrow, hist, chunk_blocks, final)
-    _check_pages(pt_cpu, items_req, j0, j1, num_pages)
+        return max(1, max_hist)
+    return min(max(1, -(-work // target)), max_hist)
 
-    total_rows = plan.num_tokens * heads
-    if decode and len(items_req):
-        (items_req, j0, j1, irow0, inrow, chunk), rows, _ = _pack_shared(
-            pt_cpu, items_req, j0, j1, irow0, inrow, chunk, heads
-        )
-    else:
-        rows = torch.arange(total_rows, dtype=torch.int64)
-    # Longest items first: the persistent programs then finish close together.
-    order = torch.sort(j1 - j0, descending=True, stable=True).indices
-    items = torch.stack([items_req, j0, j1, irow0, inrow, chunk], 1)[order]
+
+def _refill(like: TopkWork, items, rows, block_m, total_rows, heads) -> TopkWork:
+    """Write a rebuilt work list into a captured one's buffers (sizes checked: the graph reads these)."""
     n_items = items.shape[0]
-    block_m = max(16, _pow2(int(inrow.max())) if n_items else 1)  # tl.dot needs >= 16 rows
-    keep = min(_pow2(max(1, plan.topk - 1)), _pow2(chunk_blocks))
-    work_list = TopkWork(
-        items=items.to(torch.int32).contiguous().to(device),
-        rows=rows.to(torch.int32).to(device) if len(rows) else torch.zeros(1, dtype=torch.int32, device=device),
-        n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
-        n_items_host=n_items,
-        block_m=block_m,
-        chunk_blocks=chunk_blocks,
-        n_chunks=n_chunks,
-        keep=keep,
-        final=final,
-        grid=max(1, min(n_items, 4 * sm_count)),
-        heads=heads,
-    )
-    if not final:
-        work_list.candidates = torch.empty(total_rows, n_chunks, keep, dtype=torch.int64, device=device)
-    return work_list
+    problems = []
+    if heads != like.heads:
+        problems.append(f"{heads} index heads, captured with {like.heads}")
+    if block_m > like.block_m:
+        problems.append(f"items of {block_m} rows, captured with {like.block_m}")
+    if n_items > like.items.shape[0]:
+        problems.append(f"{n_items} items, capacity {like.items.shape[0]}")
+    if rows.numel() > like.rows.numel():
+        problems.append(f"{rows.numel()} listed rows, capacity {like.rows.numel()}")
+    if like.candidates is not None and like.candidates.shape[0] != total_rows:
+        problems.append(f"{total_rows} query rows, captured with {like.candidates.shape[0]}")
+    if problems:
+        raise MSAInputError("batch does not fit the captured top-k work list: " + "; ".join(problems))
+    if n_items:
+        like.items[:n_items].copy_(items)
+    if rows.numel():
+        like.rows[: rows.numel()].copy_(rows)
+    like.n_items.fill_(n_items)
+    like.n_items_host = n_items
+    return like

@@ -6,8 +6,10 @@ blocks when at most topk are visible), as ascending block ids padded with -1.
 
 Plan/run split: `prepare_index_topk(plan, heads, num_pages)` builds the work list once per batch (host
 work, one page-table copy) and stores it in `plan.extras`; it runs on the first call if the caller did not
-run it. Inside a CUDA graph call it before capture: the run step itself only launches kernels (a scoring
-kernel, plus a merge kernel when histories are split into chunks) and allocates only the output.
+run it. The run step only launches kernels (a scoring kernel, plus a merge kernel when histories are split
+into chunks), never syncs, and allocates only the output (none with `out=`). CUDA graphs: prepare with
+`for_graph=True` before capture, capture `index_topk(..., out=static)`, and before each replay call
+`refresh_index_topk(captured_plan, new_plan, ...)`, which rewrites the captured buffers for the new batch.
 """
 
 from __future__ import annotations
@@ -39,15 +41,45 @@ def _sm_count(device: torch.device) -> int:
 
 def prepare_index_topk(
     plan: MSAPlan, heads: int, num_pages: int, device: torch.device | None = None,
-    target_items: int | None = None,
+    target_items: int | None = None, for_graph: bool = False,
 ) -> TopkWork:
-    """Build (or fetch) the work list of this batch for `heads` index heads over a pool of `num_pages`."""
+    """Build (or fetch) the work list of this batch for `heads` index heads over a pool of `num_pages`.
+
+    `for_graph=True` sizes the buffers for the worst case of this batch's lengths, so that a CUDA graph
+    captured with this plan can replay later batches (see `refresh_index_topk`): capture with a plan whose
+    sequences are as long as the longest the graph will serve."""
     device = plan.page_table.device if device is None else device
     cache = plan.extras.setdefault(_EXTRAS_KEY, {})
-    key = (heads, num_pages, str(device))  # the first call decides target_items
+    key = (heads, num_pages, str(device))  # the first call decides target_items and for_graph
     if key not in cache:
-        cache[key] = build_topk_work(plan, heads, num_pages, device, _sm_count(device), target_items)
+        cache[key] = build_topk_work(plan, heads, num_pages, device, _sm_count(device), target_items,
+                                     for_graph=for_graph)
     return cache[key]
+
+
+def refresh_index_topk(captured: MSAPlan, new: MSAPlan, heads: int, num_pages: int) -> TopkWork:
+    """Point a captured decode graph's top-k at a new batch of the same size, before `graph.replay()`.
+
+    Copies the new page table and query positions into the captured plan's tensors (the buffers the
+    captured kernels read) and rebuilds the work list into the captured work list's buffers, keeping its
+    compile-time sizing. Host work only; call it outside the graph. MSAInputError if the batch does not
+    fit (more requests or tokens, a page table of another width, histories longer than captured)."""
+    cache = captured.extras.get(_EXTRAS_KEY, {})
+    key = (heads, num_pages, str(captured.page_table.device))
+    if key not in cache:
+        raise MSAInputError("the captured plan has no top-k work list: run prepare_index_topk before capture")
+    if new.page_table.shape != captured.page_table.shape or new.q_pos.shape != captured.q_pos.shape:
+        raise MSAInputError(
+            f"new batch (page table {tuple(new.page_table.shape)}, {new.q_pos.shape[0]} tokens) does not match "
+            f"the captured one ({tuple(captured.page_table.shape)}, {captured.q_pos.shape[0]} tokens)"
+        )
+    if new.topk != captured.topk:
+        raise MSAInputError(f"topk {new.topk} differs from the captured {captured.topk}")
+    like = cache[key]
+    build_topk_work(new, heads, num_pages, like.items.device, _sm_count(like.items.device), like=like)
+    captured.page_table.copy_(new.page_table)
+    captured.q_pos.copy_(new.q_pos)
+    return like
 
 
 def _check(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> None:
