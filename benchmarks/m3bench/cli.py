@@ -145,15 +145,23 @@ async def _run(args: argparse.Namespace, spec: WorkloadSpec, argv: list[str]) ->
                         fixed_output=not args.no_fixed_output, temperature=args.temperature,
                         timeout_s=args.request_timeout, extra_body=args.extra_body)
     counter = make_counter(args.tokenizer)
-    points = await run_sweep(endpoint, spec, counter, args.concurrency, repeats=args.repeats,
-                             num_sessions=args.num_sessions, warmup_requests=args.warmup_requests,
-                             think_time_s=args.think_time, progress=not args.no_progress)
+    aborted = None
+    try:
+        points = await run_sweep(endpoint, spec, counter, args.concurrency, repeats=args.repeats,
+                                 num_sessions=args.num_sessions, warmup_requests=args.warmup_requests,
+                                 think_time_s=args.think_time, progress=not args.no_progress)
+    except BenchmarkError as exc:
+        if not exc.points:
+            raise
+        # Keep the sweep points that finished; the error is reported and the exit status stays 2.
+        points, aborted = exc.points, str(exc)
     print(f"m3serve bench: {model} at {endpoint.api_root}; prefix {spec.prefix_tokens} "
           f"{'tokens' if counter.exact else 'words'}, {spec.turns} turns, {spec.output_tokens} output tokens")
     print(format_table(points))
     settings = {k: getattr(args, k) for k in ("concurrency", "num_sessions", "think_time", "warmup_requests",
                                                "repeats", "tokenizer")}
     settings["length_unit"] = "tokens" if counter.exact else "words"
+    settings["aborted"] = aborted
     if args.output:
         result = build_result(endpoint, spec, points, argv, settings, details=args.output_details)
         print(f"results: {write_json(result, args.output)}")
@@ -170,6 +178,9 @@ async def _run(args: argparse.Namespace, spec: WorkloadSpec, argv: list[str]) ->
             paths = []
         for path in paths:
             print(f"plot: {path}")
+    if aborted:
+        print(f"m3serve bench: sweep stopped early: {aborted}", file=sys.stderr)
+        return 2
     return 1 if any(p["summary"]["failed"] for p in points) else 0
 
 

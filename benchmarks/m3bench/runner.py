@@ -26,7 +26,14 @@ WARMUP_OUTPUT_TOKENS = 8
 
 
 class BenchmarkError(RuntimeError):
-    """The run cannot produce meaningful numbers (e.g. the warm-up request failed)."""
+    """The run cannot produce meaningful numbers (e.g. the warm-up request failed).
+
+    `points` holds the sweep points finished before the failure, so a long sweep's results survive.
+    """
+
+    def __init__(self, message: str, points: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.points = points or []
 
 
 class _Progress:
@@ -179,11 +186,14 @@ async def run_sweep(
         raise ValueError(f"repeats must be >= 1 (got {repeats})")
     points = []
     for c in concurrencies:
-        runs = [
-            await run_point(endpoint, spec, counter, c, num_sessions, warmup_requests, think_time_s,
-                            salt=f"c{c}/r{r}", progress=progress)
-            for r in range(repeats)
-        ]
+        try:
+            runs = [
+                await run_point(endpoint, spec, counter, c, num_sessions, warmup_requests, think_time_s,
+                                salt=f"c{c}/r{r}", progress=progress)
+                for r in range(repeats)
+            ]
+        except BenchmarkError as exc:
+            raise BenchmarkError(f"concurrency {c}: {exc}", points) from exc
         point = dict(runs[-1])
         point["records"] = [rec for run in runs for rec in run["records"]]
         point["per_turn"] = per_turn(point["records"], spec.turns)

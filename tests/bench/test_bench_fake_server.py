@@ -230,3 +230,16 @@ def test_compare_two_arms(fake_server, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", str(tmp_path / "bad.json")])
     assert "not an m3bench result" in capsys.readouterr().err
+
+
+def test_cli_keeps_finished_points_when_a_later_warmup_fails(fake_server, tmp_path, capsys):
+    # concurrency 1: warm-up (0) + 3 turns (1-3); concurrency 2 starts with its warm-up (4), which fails
+    srv = fake_server(fail_on={4})
+    out = tmp_path / "partial.json"
+    rc = main(["--base-url", srv.base_url, *SMALL, "--concurrency", "1,2", "--output", str(out)])
+    assert rc == 2
+    result = json.loads(out.read_text())
+    assert [p["concurrency"] for p in result["points"]] == [1]
+    assert result["points"][0]["summary"]["completed"] == 3
+    assert "concurrency 2: warm-up request failed" in result["settings"]["aborted"]
+    assert "sweep stopped early" in capsys.readouterr().err

@@ -88,8 +88,10 @@ def served(tmp_path: Path):
 @pytest.mark.slow
 def test_bench_against_m3serve_serve(served: str, tmp_path: Path):
     out = tmp_path / "smoke.json"
-    rc = bench_main(["--base-url", served, "--prefix-tokens", "256", "--user-tokens", "32",
-                     "--tool-result-tokens", "32", "--turns", "2", "--output-tokens", "8",
+    # Small: on a busy 2-core machine a long CPU prefill can keep the worker from answering the
+    # gateway's health checks, and the gateway then takes it out of routing.
+    rc = bench_main(["--base-url", served, "--prefix-tokens", "128", "--user-tokens", "16",
+                     "--tool-result-tokens", "16", "--turns", "2", "--output-tokens", "8",
                      "--concurrency", "2", "--request-timeout", "120", "--no-progress",
                      "--output", str(out), "--output-details"])
     result = json.loads(out.read_text())
@@ -100,10 +102,10 @@ def test_bench_against_m3serve_serve(served: str, tmp_path: Path):
     requests = point["requests"]
     # usage is reported, and fixed output lengths (ignore_eos + min_tokens) are honoured
     assert all(r["completion_tokens"] == 8 for r in requests)
-    assert all(r["prompt_tokens"] and r["prompt_tokens"] > 256 for r in requests)
+    assert all(r["prompt_tokens"] and r["prompt_tokens"] > 128 for r in requests)
     for session in (0, 1):
         t1, t2 = sorted((r for r in requests if r["session"] == session), key=lambda r: r["turn"])
-        assert t2["prompt_tokens"] > t1["prompt_tokens"] + 32  # previous answer + tool result appended
+        assert t2["prompt_tokens"] > t1["prompt_tokens"] + 16  # previous answer + tool result appended
     # the radix cache serves the shared prefix (warmed) and each session's history
     assert s["cached_token_ratio"] is not None and s["cached_token_ratio"] > 0.5
     assert s["ttft_ms"]["p50"] > 0 and s["output_throughput"] > 0
