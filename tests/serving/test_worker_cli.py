@@ -184,3 +184,22 @@ def test_moe_layout_fix_matches_per_token_math_where_upstream_does_not():
     interleaved = MoeRunnerConfig(activation="silu", gemm1_alpha=1.702, gemm1_clamp_limit=7.0)
     passthrough = fix_moe_layout(moe_forward_native, layer, x, topk, interleaved)
     assert torch.equal(passthrough, moe_forward_native(layer, x, topk, interleaved))
+
+
+def test_serve_refuses_a_non_m3_checkpoint_before_starting_anything(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    r = subprocess.run([sys.executable, "-m", "m3serve.cli", "serve", "--model-path", str(tmp_path), "--device", "cpu",
+                        "--no-gateway"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "cannot be served as MiniMax-M3" in r.stderr
+    assert "starting worker" not in r.stdout
+
+
+def test_serve_writes_the_tiny_model_once(tmp_path):
+    from m3serve.serving.serve import tiny_model_path
+
+    first = tiny_model_path(str(tmp_path))
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert tiny_model_path(str(tmp_path)) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch folder left behind
