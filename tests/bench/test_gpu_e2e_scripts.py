@@ -66,7 +66,8 @@ def test_dense_variant_keeps_shapes_but_no_sparse_layers(tmp_path):
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts"):
         assert dt_[key] == st[key]
     settings = load_m3_config(dense_dir)  # the worker's checkpoint validation accepts it
-    assert settings.text.sparse_layer_ids == [] if hasattr(settings, "text") else True
+    assert settings.text.sparse_layer_ids == [] and settings.text.dense_layer_ids == list(range(8))
+    assert settings.text.moe_layer_ids == list(range(1, 8))
 
 
 def test_same_tokenizer_for_every_variant(tmp_path):

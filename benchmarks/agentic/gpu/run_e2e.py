@@ -140,8 +140,14 @@ def write_arm_dist(site: Path) -> Path:
 
 
 def bench_command(base_url: str, tokenizer_dir: Path, shape: Shape, out_json: Path, timeout_s: float,
-                  warmup_pass: bool = False, seed: int = 0) -> list[str]:
-    """`m3serve bench` (m3bench) argv. The warm-up pass: one turn, short output, other sessions (seed)."""
+                  warmup_pass: bool = False, seed: int = 0, temperature: float = 1.0) -> list[str]:
+    """`m3serve bench` (m3bench) argv. The warm-up pass: one turn, short output, other sessions (seed).
+
+    Temperature 1 by default: with dummy weights the logits are nearly uniform and greedy decoding repeats
+    one token ("\n" for the tiny tokenizer), which the gateway does not stream as text (leading
+    whitespace), leaving no time-to-first-token. Sampling gives visible tokens; the cost is the same in
+    every arm.
+    """
     turns, output = (1, min(16, shape.output_tokens)) if warmup_pass else (shape.turns, shape.output_tokens)
     cmd = [
         sys.executable, "-m", "m3bench.cli",
@@ -150,7 +156,7 @@ def bench_command(base_url: str, tokenizer_dir: Path, shape: Shape, out_json: Pa
         "--tool-result-tokens", str(shape.tool_result_tokens), "--turns", str(turns),
         "--output-tokens", str(output), "--concurrency", str(shape.concurrency),
         "--warmup-requests", "1", "--seed", str(seed + (1000 if warmup_pass else 0)),
-        "--request-timeout", str(max(30, int(timeout_s))), "--no-progress",
+        "--request-timeout", str(max(30, int(timeout_s))), "--no-progress", "--temperature", str(temperature),
         "--output", str(out_json),
     ]
     if not warmup_pass:
@@ -368,7 +374,8 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
                 tok_dir = models[MODEL_VARIANT[arm]]
                 if args.warmup_pass:
                     t0 = time.monotonic()
-                    cmd = bench_command(base, tok_dir, shape, work / f"{arm}_warmup.json", deadline.left(), True)
+                    cmd = bench_command(base, tok_dir, shape, work / f"{arm}_warmup.json", deadline.left(), True,
+                                        temperature=args.temperature)
                     with open(logs / f"{arm}_warmup_bench.log", "wb") as f:
                         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_bench_env(),
                                        timeout=max(10.0, deadline.left() - 20), check=False)
@@ -376,7 +383,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"[e2e] {arm}: warm-up pass {res.warmup_s} s", flush=True)
                 t0 = time.monotonic()
                 out_json = work / f"{arm}.json"
-                cmd = bench_command(base, tok_dir, shape, out_json, deadline.left())
+                cmd = bench_command(base, tok_dir, shape, out_json, deadline.left(), temperature=args.temperature)
                 res.bench_command = cmd
                 with open(logs / f"{arm}_bench.log", "wb") as f:
                     done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_bench_env(),
@@ -463,6 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-arm-s", type=float, default=45.0, help="skip an arm when less than this is left")
     p.add_argument("--gateway", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--parallel-start", action="store_true", help="start every arm's server at once")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the bench requests")
     p.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false")
     p.add_argument("--mem-fraction", type=float, default=None, help="--mem-fraction-static (cuda; default 0.85)")
     p.add_argument("--server-arg", action="append", default=[], help="extra SGLang flag (repeatable, all arms)")

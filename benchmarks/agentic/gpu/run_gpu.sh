@@ -2,7 +2,7 @@
 # The device command of the end-to-end benchmark (one call): unpack the bundle, run the three arms, write
 # summary.json, summary.md and logs.tar.gz into $OUT (or E2E_OUT), print the table last.
 #   bash benchmarks/agentic/gpu/run_gpu.sh [--quick] [run_e2e.py options]
-#   --quick = --shape quick --budget-s 270 (a smoke of the whole pipeline within a 5-minute call)
+#   --quick = --shape quick --budget-s 255 (a smoke of the whole pipeline within a 5-minute call)
 # Default: --shape full --budget-s 540 --parallel-start (for a 10-minute call).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -18,6 +18,6 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/m3e2e/triton_cache}
 args=(--shape full --budget-s 540 --parallel-start)
 if [ "${1:-}" = "--quick" ]; then
   shift
-  args=(--shape quick --budget-s 270 --parallel-start)
+  args=(--shape quick --budget-s 255 --parallel-start)
 fi
 python3 benchmarks/agentic/gpu/run_e2e.py --out "$OUTDIR" --work /tmp/m3e2e/work "${args[@]}" "$@"
