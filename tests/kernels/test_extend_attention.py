@@ -25,6 +25,7 @@ CASES = {
     "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major"),
     "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None),
     "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None),
+    "half_block_steps": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None),  # MSA_EXTEND_KSUB=64
 }
 BOUND = 2e-3  # fp16 q/k/v, fp32 accumulation (fp16 partials in the KV-major pass)
 
@@ -38,8 +39,11 @@ def _run_case(name: str) -> float:
     c = build_case(seqs, qls, hq, hkv, dim=dim, dtype=torch.float16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     out = torch.full_like(c.q, float("nan"))
+    if name == "half_block_steps":
+        os.environ["MSA_EXTEND_KSUB"] = "64"
     extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale,
                                       out=out, union_max=union_max, wide_pass=wide_pass)
+    os.environ.pop("MSA_EXTEND_KSUB", None)
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
 

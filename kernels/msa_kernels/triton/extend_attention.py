@@ -84,6 +84,7 @@ def _extend_kernel(
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
+    KSUB: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -104,7 +105,6 @@ def _extend_kernel(
     row_ok = (r_q < qn) & (r < QG * G)
     t = (q0 + r_q).to(tl.int64)
     cols = tl.arange(0, D)
-    n = tl.arange(0, BLOCK)
     q = tl.load(q_ptr + t[:, None] * stride_qt + (kvh * G + r % G)[:, None] * stride_qh + cols[None, :],
                 mask=row_ok[:, None], other=0.0)
     q_pos = tl.load(qpos_ptr + t, mask=row_ok, other=-1)
@@ -148,17 +148,25 @@ def _extend_kernel(
     acc = tl.zeros([M, D], tl.float32)
     k_base = k_ptr + kvh * stride_kh + cols[None, :]
     v_base = v_ptr + kvh * stride_vh + cols[None, :]
-    for i in range(0, n_full):
+    # Each block is walked in KSUB-key steps. 128 (default) is what was timed on the H100; ptxas reports it
+    # at 255 registers with ~450 B of spills per thread at M = 128 / 8 warps, KSUB = 64 (env
+    # MSA_EXTEND_KSUB) at ~80 B and 64 KB instead of 96 KB of shared memory, untimed so far.
+    nk = tl.arange(0, KSUB)
+    SPB: tl.constexpr = BLOCK // KSUB  # steps per block
+    for it in range(0, n_full * SPB):
+        i = it // SPB
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
-        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + n
+        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + (it % SPB) * KSUB + nk
         k = tl.load(k_base + slot[:, None] * stride_ks)
         v = tl.load(v_base + slot[:, None] * stride_vs)
         m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
-    for i in range(n_full, n_all):
+    for it in range(n_full * SPB, n_all * SPB):
+        i = it // SPB
         blk = tl.load(union_ptr + scratch + i)
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
-        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + n
-        key_pos = blk * BLOCK + n
+        tok = (it % SPB) * KSUB + nk
+        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + tok
+        key_pos = blk * BLOCK + tok
         in_seq = key_pos < seq_len
         k = tl.load(k_base + slot[:, None] * stride_ks, mask=in_seq[:, None], other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_vs, mask=in_seq[:, None], other=0.0)
@@ -269,6 +277,7 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
-        BLOCK=BLOCK_SIZE, GATED=gate is not None, num_warps=num_warps, num_stages=num_stages,
+        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=int(os.environ.get("MSA_EXTEND_KSUB", 128)),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of
