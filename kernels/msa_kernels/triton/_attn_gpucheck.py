@@ -219,12 +219,14 @@ def bench_decode(bw, quick) -> None:
 
 def bench_extend(fl, quick) -> None:
     default = ((None, None),)
-    runs = [  # heads, kv dtype, batch, (union_max, wide pass) variants, stage variants
-        (64, 4, None, 1, ((None, None), (10**9, None), (-1, "query"), (-1, "kv_major"), (32, None)), (2, 3)),
-        (64, 4, None, 8, default, (2,)),
-        (16, 1, None, 1, default, (2,)),
-        (8, 1, None, 1, default, (2,)),
-        (64, 4, torch.float8_e4m3fn, 1, default, (2,)),
+    plain = ({},)
+    tuning = ({}, {"MSA_EXTEND_STAGES": 3}, {"MSA_EXTEND_KSUB": 64}, {"MSA_EXTEND_KSUB": 64, "MSA_EXTEND_STAGES": 3})
+    runs = [  # heads, kv dtype, batch, (union_max, wide pass) variants, env variants
+        (64, 4, None, 1, ((None, None), (10**9, None), (-1, "query"), (-1, "kv_major"), (32, None)), tuning),
+        (64, 4, None, 8, default, plain),
+        (16, 1, None, 1, default, ({}, {"MSA_EXTEND_KSUB": 64})),
+        (8, 1, None, 1, default, plain),
+        (64, 4, torch.float8_e4m3fn, 1, default, plain),
     ]
     for hq, hkv, cd, batch, ums, stages in runs:
         for style in ("random", "recent"):
@@ -238,14 +240,15 @@ def bench_extend(fl, quick) -> None:
             u = c.selected[:2048].view(-1, qg, hkv, 16).permute(0, 2, 1, 3).flatten(2)
             uniq = float(sum(len(set(r.tolist()) - {-1}) for r in u.flatten(0, 1)[:256].cpu()) / min(256, len(u)))
             for um, wp in ums:
-                for st in stages:
-                    os.environ["MSA_EXTEND_STAGES"] = str(st)
+                for env in stages:
+                    os.environ.update({k: str(v) for k, v in env.items()})
                     us = bench_extend_once(c, c.selected, um, wp)
+                    for k in env:
+                        os.environ.pop(k, None)
                     log(kind="extend", heads=f"{hq}/{hkv}", kv="fp8" if cd else "bf16", style=style, B=batch,
-                        T=2048, prefix=prefix, union_max=um, wide_pass=wp, stages=st, us=us,
+                        T=2048, prefix=prefix, union_max=um, wide_pass=wp, env=env, us=us,
                         TFLOPs=flops / us / 1e6,
                         frac_matmul=flops / us * 1e6 / fl, union_per_tile=uniq)
-            os.environ.pop("MSA_EXTEND_STAGES", None)
             del c
     # full prefill of 16k (dense inside 2048 tokens, sparse beyond)
     for style in ("random", "recent"):

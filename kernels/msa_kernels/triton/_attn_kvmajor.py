@@ -16,8 +16,9 @@ prefill run eagerly in the serving engine, and the sync lets the pass cost nothi
 
 Measured on an H100 (64 q / 4 KV heads, T = 2,048 on a 60k prefix, every tile sent here): 2.90 ms with
 random selections and 2.81 ms with high-overlap ones, against 2.60 ms and 0.48 ms for the union walk and
-1.62 ms for upstream's query-major kernel; hence not the default. Not yet profiled: the per-tile chain of
-dependent loads (tile start -> entries -> gathered Q rows) is the first suspect.
+1.62 ms for upstream's query-major kernel; hence not the default. Not yet profiled: ptxas reports the tile
+kernel at 255 registers with ~512 B of spills per thread, and each tile waits on a chain of dependent loads
+(tile start -> entries -> gathered Q rows); those are the first suspects.
 """
 
 from __future__ import annotations
