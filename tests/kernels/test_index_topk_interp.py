@@ -64,7 +64,8 @@ def case_decode_mixed_lengths():
 
 
 def case_decode_one_and_two_heads():
-    return _both_paths([2600, 900, 4100], [1, 1, 1], heads=1) + _both_paths([4100, 257], [1, 1], heads=2)
+    res = _both_paths([2600, 900, 4100], [1, 1, 1], heads=1) + _both_paths([4100, 257], [1, 1], heads=2)
+    return res + _both_paths([1500, 900], [1, 1], heads=4, topk=8)  # another top-k: 7 best + the local block
 
 
 def case_decode_shared_prefix():
@@ -85,8 +86,8 @@ def case_decode_shared_prefix():
 
 def case_extend_mixed():
     # a prefix of 730 + 40 new tokens; 2,100 cached + 40 new; an empty prefix (plain prefill of 200);
-    # and a decode-like request of one token, all in one extend batch
-    return _both_paths([770, 2140, 200, 1500], [40, 40, 150, 1], heads=4)
+    # a request with no new token; and a decode-like request of one token, all in one extend batch
+    return _both_paths([770, 2140, 200, 900, 1500], [40, 40, 150, 0, 1], heads=4)
 
 
 def case_extend_one_head_exact_16_blocks():
