@@ -75,7 +75,10 @@ impl Metrics {
                 "m3gw_cached_prompt_tokens_total",
                 "Prompt tokens the worker served from its prefix cache",
             ),
-            ttft_seconds: hist("m3gw_time_to_first_token_seconds", "Request arrival to first generated token"),
+            ttft_seconds: hist(
+                "m3gw_time_to_first_token_seconds",
+                "Request arrival to first generated token (streamed requests)",
+            ),
             itl_seconds: hist("m3gw_inter_token_latency_seconds", "Time between generated tokens (streaming)"),
             preprocess_seconds: hist_vec("m3gw_preprocess_seconds", "Template, tokenization and images", &["route"]),
             routing_decisions: counter_vec("m3gw_routing_decisions_total", "Worker choices by reason", &["reason"]),

@@ -6,6 +6,7 @@ workers, and failover when one worker is killed."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import httpx
@@ -32,48 +33,31 @@ WORKER_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def two_workers(tiny_checkpoint, tmp_path_factory):
+def real_worker(tiny_checkpoint, tmp_path_factory):
+    """One real worker: a CPU SGLang server takes several GB of RAM, so the suite runs one and
+    uses a fake worker as the second one where a pool is needed."""
     workdir = tmp_path_factory.mktemp("gw-real")
-    procs, urls = [], []
+    port = free_port()
+    launch = build_launch(
+        ["--model-path", str(tiny_checkpoint), "--device", "cpu", "--port", str(port), *WORKER_ARGS],
+        dict(os.environ),
+    )
+    proc = ManagedProcess("worker", launch.command, launch.env, workdir / "worker.log").start()
     try:
-        for i in range(2):
-            port = free_port()
-            launch = build_launch(
-                ["--model-path", str(tiny_checkpoint), "--device", "cpu", "--port", str(port), *WORKER_ARGS],
-                dict(os.environ),
-            )
-            procs.append(
-                ManagedProcess(f"worker{i}", launch.command, launch.env, workdir / f"w{i}.log").start()
-            )
-            urls.append(launch.url)
-        for url in urls:
-            wait_healthy(url, procs, STARTUP_TIMEOUT_S)
-        yield list(zip(urls, procs, strict=True))
+        wait_healthy(launch.url, [proc], STARTUP_TIMEOUT_S)
+        yield launch.url, proc
     finally:
-        for p in procs:
-            p.stop()
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
-def gateway(two_workers, tiny_checkpoint, tmp_path_factory):
+def gateway(real_worker, tiny_checkpoint, tmp_path_factory):
     from m3serve.gateway import gateway_command
 
     port = free_port()
+    extra = ["--served-model-name", "tiny-m3", "--health-interval", "1", "--default-max-tokens", "16"]
     cmd = gateway_command(
-        [u for u, _ in two_workers],
-        str(tiny_checkpoint),
-        "127.0.0.1",
-        port,
-        [
-            "--served-model-name",
-            "tiny-m3",
-            "--health-interval",
-            "1",
-            "--default-max-tokens",
-            "16",
-            "--admin-key",
-            "adm",
-        ],
+        [real_worker[0]], str(tiny_checkpoint), "127.0.0.1", port, [*extra, "--admin-key", "adm"]
     )
     proc = ManagedProcess(
         "gateway", cmd, dict(os.environ), Path(tmp_path_factory.mktemp("gw")) / "gw.log"
@@ -174,25 +158,37 @@ def test_errors_from_real_stack(gateway):
     assert ok.usage.completion_tokens >= 1
 
 
-def test_affinity_then_failover(gateway, two_workers):
+def test_affinity_then_failover(gateway, real_worker):
+    """A growing conversation reuses the real worker's radix cache turn after turn (the gateway's
+    token ids are prefix-stable); a second worker joining does not steal it (prefix affinity); when
+    the real worker is killed, the conversation fails over to the other one."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_worker import FakeWorker
+
     url, _ = gateway
     c = client(url)
+    admin = {"x-admin-key": "adm"}
     history = [{"role": "system", "content": "You are a careful agent. " * 60}]
-    cached = []
-    for turn in range(3):
-        history.append({"role": "user", "content": f"step {turn}"})
+
+    def turn(i: int):
+        history.append({"role": "user", "content": f"step {i}"})
         r = c.chat.completions.create(model="tiny-m3", messages=history, max_tokens=4, temperature=0)
         history.append({"role": "assistant", "content": r.choices[0].message.content or "ok"})
-        cached.append(r.usage.prompt_tokens_details.cached_tokens)
-    assert cached[1] >= 256 and cached[2] >= 256, cached  # later turns hit the same worker's radix cache
-    # kill the worker that holds the conversation: the next turns go to the other one
-    info = httpx.get(url + "/admin/workers", headers={"x-admin-key": "adm"}).json()["workers"]
-    owner = max(info, key=lambda w: w["requests_total"])["url"]
-    dict(two_workers)[owner].stop()
-    for i in range(3):
-        history.append({"role": "user", "content": f"after {i}"})
-        r = c.chat.completions.create(model="tiny-m3", messages=history, max_tokens=2)
-        history.append({"role": "assistant", "content": r.choices[0].message.content or "ok"})
-        assert r.usage.completion_tokens >= 1
-    info = httpx.get(url + "/admin/workers", headers={"x-admin-key": "adm"}).json()["workers"]
-    assert not next(w for w in info if w["url"] == owner)["healthy"]
+        return r
+
+    cached = [turn(i).usage.prompt_tokens_details.cached_tokens for i in range(2)]
+    assert cached[1] >= 256, cached  # the second turn hit the worker's radix cache
+    fake = FakeWorker()
+    try:
+        assert httpx.post(url + "/admin/workers", json={"url": fake.url}, headers=admin).status_code == 201
+        for i in range(2, 5):
+            assert turn(i).usage.prompt_tokens_details.cached_tokens >= 256
+        assert fake.requests == [], "the conversation stayed where its prefix is cached"
+        real_worker[1].stop()
+        r = turn(5)
+        assert r.choices[0].message.content == "Hello from the fake worker."
+        assert len(fake.requests) == 1
+        workers = httpx.get(url + "/admin/workers", headers=admin).json()["workers"]
+        assert not next(w for w in workers if w["url"] == real_worker[0])["healthy"]
+    finally:
+        fake.stop()

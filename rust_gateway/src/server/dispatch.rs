@@ -75,33 +75,40 @@ pub async fn dispatch(
         if !worker.try_acquire_breaker(Instant::now()) {
             continue;
         }
-        let slot = InFlight::new(Arc::clone(&worker));
+        let slots: Vec<InFlight> = bodies.iter().map(|_| InFlight::new(Arc::clone(&worker))).collect();
         let rids: Vec<String> =
             bodies.iter().filter_map(|b| b.get("rid").and_then(Value::as_str).map(String::from)).collect();
         // Armed before sending: if the client goes away while we wait, the worker is told to stop.
         let mut abort = AbortOnDrop::new(st.client.clone(), worker.url.clone(), rids, st.metrics.client_aborts.clone());
-        match st.client.generate(&worker.url, &bodies[0], deadline).await {
-            Ok(first) => {
-                worker.record_success();
-                let mut responses = vec![first];
-                let mut slots = vec![slot];
-                for body in &bodies[1..] {
-                    slots.push(InFlight::new(Arc::clone(&worker)));
-                    match st.client.generate(&worker.url, body, deadline).await {
-                        Ok(r) => responses.push(r),
-                        Err(e) => {
-                            abort.abort_now();
-                            return Err(upstream_to_api(&e));
-                        }
-                    }
+        // All choices at once: a non-streamed answer's head only comes when it is complete.
+        let results =
+            futures_util::future::join_all(bodies.iter().map(|b| st.client.generate(&worker.url, b, deadline))).await;
+        let n_ok = results.iter().filter(|r| r.is_ok()).count();
+        let mut responses = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(resp) => responses.push(resp),
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
+            }
+        }
+        match first_err {
+            None => {
+                worker.record_success();
                 st.metrics.routing_decisions.with_label_values(&[decision.reason.as_str()]).inc();
                 st.metrics.routed_prompt_tokens.inc_by(prompt_tokens as u64);
                 let matched = (decision.matched_chunks * st.cfg.prefix_chunk_tokens).min(prompt_tokens);
                 st.metrics.affinity_matched_tokens.inc_by(matched as u64);
                 return Ok(Accepted { worker, responses, slots, reason: decision.reason, abort });
             }
-            Err(e) => {
+            Some(e) if n_ok > 0 => {
+                // Some choices started, others failed: stop the started ones and give up.
+                abort.abort_now();
+                return Err(upstream_to_api(&e));
+            }
+            Some(e) => {
                 let kind = match &e {
                     UpstreamError::Connect(_) => "connect",
                     UpstreamError::Timeout => "timeout",

@@ -282,10 +282,6 @@ async fn collect_response(
     }
     abort.disarm();
     drop(slots);
-    if let Some(first) = choices.first() {
-        let _ = first;
-        st.metrics.ttft_seconds.observe(job.started.elapsed().as_secs_f64());
-    }
     record_usage(st, &usage);
     let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
     let body = json!({
