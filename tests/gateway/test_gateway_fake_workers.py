@@ -545,3 +545,49 @@ def test_kubernetes_pod_discovery(fake_workers, start_gateway, tmp_path):
     api.server.shutdown()  # API server down: the gateway keeps its current workers
     time.sleep(0.6)
     assert urls() == [b.url]
+
+
+def test_model_mode_sends_template_tokens_and_image_handoff(fake_workers, start_gateway, tiny_checkpoint):
+    """Production prompt mode (the checkpoint's template, tokenizer and image processor in Rust) in
+    front of a fake worker: the worker gets exactly the preprocessor's token ids and the image
+    hand-off, the reply is parsed, and a broken image is a 400 naming the image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from m3serve import _gateway
+
+    (w,) = fake_workers(1)
+    w.configure(reply="<mm:think>Looks like a square.</mm:think>A red square.")
+    gw = start_gateway([w.url], model_mode="model", model_path=str(tiny_checkpoint))
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 84), (200, 10, 10)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
+    r = client(gw).chat.completions.create(model=MODEL, messages=messages)
+    _, ids = _gateway.render_chat(str(tiny_checkpoint), json.dumps({"model": MODEL, "messages": messages}))
+    sent = w.requests[-1]
+    assert sent["input_ids"] == list(ids)
+    assert r.usage.prompt_tokens == len(ids)
+    handoff = sent["image_data"][0]
+    assert handoff["format"] == "processor_output" and len(handoff["image_grid_thw"]) == 1
+    assert r.choices[0].message.content == "A red square."
+    bad = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}],
+        }
+    ]
+    with pytest.raises(openai.BadRequestError) as e:
+        client(gw).chat.completions.create(model=MODEL, messages=bad)
+    assert "image" in str(e.value).lower()
+    assert len(w.requests) == 1  # the bad request never reached the worker
