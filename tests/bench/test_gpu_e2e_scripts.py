@@ -176,7 +176,7 @@ def test_bench_commands(tmp_path):
     cmd = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "o.json", 300)
     args = dict(zip(cmd[3::2], cmd[4::2]))
     assert cmd[1:3] == ["-m", "m3bench.cli"]
-    assert args["--prefix-tokens"] == "60000" and args["--concurrency"] == "8" and args["--turns"] == "4"
+    assert args["--prefix-tokens"] == "60000" and args["--concurrency"] == "8" and args["--turns"] == "3"
     assert args["--output-tokens"] == "256" and args["--tokenizer"] == str(tmp_path)
     assert "--output-details" in cmd
     warm = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "w.json", 300, warmup_pass=True)
@@ -329,3 +329,11 @@ def test_setup_site_without_bundle_fails(tmp_path):
     env = {**os.environ, "E2E_BUNDLE": str(tmp_path / "none"), "E2E_SITE": str(tmp_path / "s")}
     out = subprocess.run(["bash", str(GPU_DIR / "setup_site.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "no bundle" in out.stderr
+
+
+def test_gateway_never_evicts_the_only_worker():
+    from m3serve.gateway import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--worker-urls", "http://w:1", *run_e2e.GATEWAY_ARGS]))
+    assert cfg["health_failure_threshold"] >= 1000 and cfg["health_interval_secs"] >= 30
+    assert cfg["served_model_name"] == "m3-slice"

@@ -44,6 +44,12 @@ ARMS = ("ours", "upstream", "dense")
 ARM_PLUGIN_ENV = {"upstream": {"M3SERVE_SPARSE_BACKEND": "upstream",
                                "SGLANG_PLUGINS": "m3serve_portable,m3serve_upstream_arm"}}
 MODEL_VARIANT = {"ours": "sparse", "upstream": "sparse", "dense": "dense"}
+# SGLang's /health waits for the scheduler, which blocks for seconds while Triton compiles a new shape at
+# serving time (eager mode); with the gateway's default health checks (every 5 s, out after 2 failures)
+# the first H100 smoke run lost its only worker mid-warm-up ("No healthy worker", HTTP 503). The benchmark
+# has one worker per gateway, so eviction can only hurt: check rarely and never take it out.
+GATEWAY_ARGS = ["--served-model-name", "m3-slice", "--upstream-timeout", "600",
+                "--health-interval", "30", "--health-failure-threshold", "100000"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    # agentic-60k-c8: 60k shared prefix, 8 sessions; 4 turns (not 8) so three arms fit one 10-minute call.
-    "full": Shape(60_000, 1_024, 1_536, 4, 256, 8, 262_144),
+    # agentic-60k-c8: 60k shared prefix, 8 sessions; 3 turns (not 8) so three arms fit one 10-minute call
+    # (the H100 smoke ran eager decode at ~60-80 ms a step at c8: 768 steps per arm is about a minute).
+    "full": Shape(60_000, 1_024, 1_536, 3, 256, 8, 262_144),
     # smoke: the same pipeline at 8k prefix, 2 turns.
     "quick": Shape(8_000, 512, 512, 2, 64, 8, 65_536),
     # CPU dry run of the whole pipeline (tiny model).
@@ -359,7 +366,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
 
                     gport = free_port()
                     cmd = gateway_command([launch.url], str(models[MODEL_VARIANT[arm]]), "127.0.0.1", gport,
-                                          ["--served-model-name", "m3-slice", "--upstream-timeout", "600"])
+                                          GATEWAY_ARGS)
                     gateway = ManagedProcess(f"gateway-{arm}", cmd, dict(os.environ), logs / f"{arm}_gateway.log").start()
                     try:
                         wait_healthy(f"http://127.0.0.1:{gport}", [gateway], 30.0)
@@ -412,6 +419,8 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
         for _, proc in servers.values():
             proc.stop()
     return {"shape": asdict(shape), "shape_name": args.shape, "server_flags": flags,
+            "parallel_start": args.parallel_start, "gateway_args": GATEWAY_ARGS if use_gateway else None,
+            "bench_temperature": args.temperature,
             "arms": {a: asdict(r) for a, r in results.items()}}
 
 
