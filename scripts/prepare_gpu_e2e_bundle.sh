@@ -7,7 +7,8 @@
 #                                         versions pinned below to the ones our CPU SGLang runs with)
 #   .baseline/e2e/sglang_stripped.tar.xz  the sglang 0.5.23 wheel's Python files + dist-info, without
 #                                         multimodal_gen/, test/, benchmark/, *.so (Rust extensions:
-#                                         SGLang falls back to its Python radix tree) and *.cu/*.cuh
+#                                         SGLang falls back to its Python radix tree) and the *.cu/*.cuh
+#                                         files outside sglang/kernels/jit/
 #   .baseline/e2e/stubs/                  our own few-line stand-ins for IPython.display and soundfile
 #                                         (notebook/audio imports only; put LAST on PYTHONPATH so a real
 #                                         package wins where the image has one)
@@ -105,7 +106,11 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 unzip -q "$SGL_WHL" -d "$TMP/sg"
 rm -rf "$TMP/sg/sglang/multimodal_gen" "$TMP/sg/sglang/test" "$TMP/sg/sglang/benchmark"
-find "$TMP/sg" \( -name '*.so' -o -name '*.cu' -o -name '*.cuh' -o -name __pycache__ \) -prune -exec rm -rf {} +
+find "$TMP/sg" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+# CUDA sources: keep only those of SGLang's tvm-ffi JIT kernels (sglang/kernels/jit/, ~0.7 MB compressed),
+# so SGLANG_OPT_USE_MINIMAX_DECODE_TOPK_RADIX=1 (upstream's radix decode top-k, built by nvcc at run time
+# instead of Triton top-k kernels that recompile as sequences grow) can be tried without a new bundle.
+find "$TMP/sg" \( -name '*.cu' -o -name '*.cuh' \) -not -path '*/sglang/kernels/jit/*' -delete
 # The RECORD lists files we removed; pip is never run on this tree, so drop it rather than lie.
 rm -f "$TMP"/sg/sglang-*.dist-info/RECORD
 (cd "$TMP/sg" && find . -type f | LC_ALL=C sort | tar --owner=0 --group=0 --mtime='2026-01-01' -cf - -T - ) \

@@ -337,3 +337,21 @@ def test_gateway_never_evicts_the_only_worker():
     cfg = config_from_args(build_parser().parse_args(["--worker-urls", "http://w:1", *run_e2e.GATEWAY_ARGS]))
     assert cfg["health_failure_threshold"] >= 1000 and cfg["health_interval_secs"] >= 30
     assert cfg["served_model_name"] == "m3-slice"
+
+
+def test_warmup_twin_has_the_measured_lengths(tmp_path):
+    shape = run_e2e.SHAPES["full"]
+    bench = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "o.json", 300)
+    twin = run_e2e.bench_command("http://h:1/v1", tmp_path, shape, tmp_path / "w.json", 300, warmup_pass=True,
+                                 warmup_turns=shape.turns)
+    a, b = dict(zip(bench[3::2], bench[4::2])), dict(zip(twin[3::2], twin[4::2]))
+    for key in ("--prefix-tokens", "--user-tokens", "--tool-result-tokens", "--turns", "--output-tokens",
+                "--concurrency"):
+        assert a[key] == b[key], key
+    assert a["--seed"] != b["--seed"]
+
+
+def test_warmup_turns_parsing():
+    assert run_e2e.parse_args(["--out", "/tmp/x", "--warmup-turns", "same"]).warmup_turns == "same"
+    with pytest.raises(SystemExit):
+        run_e2e.parse_args(["--out", "/tmp/x", "--warmup-turns", "0"])

@@ -147,15 +147,25 @@ def write_arm_dist(site: Path) -> Path:
 
 
 def bench_command(base_url: str, tokenizer_dir: Path, shape: Shape, out_json: Path, timeout_s: float,
-                  warmup_pass: bool = False, seed: int = 0, temperature: float = 1.0) -> list[str]:
-    """`m3serve bench` (m3bench) argv. The warm-up pass: one turn, short output, other sessions (seed).
+                  warmup_pass: bool = False, seed: int = 0, temperature: float = 1.0,
+                  warmup_turns: int = 1) -> list[str]:
+    """`m3serve bench` (m3bench) argv.
+
+    The warm-up pass runs other sessions (another seed) over the same shared prefix. With `warmup_turns`
+    equal to the shape's turns it is the measured run's twin (same exact prompt and output lengths), so
+    the Triton kernels whose compile-time constants follow the sequence length (upstream's top-k kernels
+    recompile every few 128-token blocks in eager mode) are compiled, and cached on disk, before
+    measuring; with fewer turns it only fills the prefix cache and compiles the first shapes.
 
     Temperature 1 by default: with dummy weights the logits are nearly uniform and greedy decoding repeats
     one token ("\n" for the tiny tokenizer), which the gateway does not stream as text (leading
     whitespace), leaving no time-to-first-token. Sampling gives visible tokens; the cost is the same in
     every arm.
     """
-    turns, output = (1, min(16, shape.output_tokens)) if warmup_pass else (shape.turns, shape.output_tokens)
+    if warmup_pass and warmup_turns < shape.turns:
+        turns, output = max(1, warmup_turns), min(16, shape.output_tokens)
+    else:
+        turns, output = shape.turns, shape.output_tokens
     cmd = [
         sys.executable, "-m", "m3bench.cli",
         "--base-url", base_url, "--tokenizer", str(tokenizer_dir),
@@ -327,6 +337,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
     use_gateway, gw_note = (False, "off (--gateway off)") if args.gateway == "off" else gateway_available()
     if args.gateway == "on" and not use_gateway:
         raise SystemExit(f"--gateway on: {gw_note}")
+    warmup_turns = shape.turns if args.warmup_turns == "same" else int(args.warmup_turns)
     results = {a: ArmResult(a) for a in args.arms}
     servers: dict[str, tuple[Any, ManagedProcess]] = {}
 
@@ -382,7 +393,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
                 if args.warmup_pass:
                     t0 = time.monotonic()
                     cmd = bench_command(base, tok_dir, shape, work / f"{arm}_warmup.json", deadline.left(), True,
-                                        temperature=args.temperature)
+                                        temperature=args.temperature, warmup_turns=warmup_turns)
                     with open(logs / f"{arm}_warmup_bench.log", "wb") as f:
                         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_bench_env(),
                                        timeout=max(10.0, deadline.left() - 20), check=False)
@@ -420,7 +431,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, Any]:
             proc.stop()
     return {"shape": asdict(shape), "shape_name": args.shape, "server_flags": flags,
             "parallel_start": args.parallel_start, "gateway_args": GATEWAY_ARGS if use_gateway else None,
-            "bench_temperature": args.temperature,
+            "bench_temperature": args.temperature, "warmup_turns": warmup_turns if args.warmup_pass else 0,
             "arms": {a: asdict(r) for a, r in results.items()}}
 
 
@@ -481,9 +492,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel-start", action="store_true", help="start every arm's server at once")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the bench requests")
     p.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false")
+    p.add_argument("--warmup-turns", default="1",
+                   help="turns of the warm-up pass: a number, or 'same' (the measured run's twin: compiles "
+                        "every sequence-length-dependent Triton kernel before measuring; doubles the time)")
     p.add_argument("--mem-fraction", type=float, default=None, help="--mem-fraction-static (cuda; default 0.85)")
     p.add_argument("--server-arg", action="append", default=[], help="extra SGLang flag (repeatable, all arms)")
     args = p.parse_args(argv)
+    if args.warmup_turns != "same" and not (args.warmup_turns.isdigit() and int(args.warmup_turns) >= 1):
+        p.error(f"--warmup-turns: a positive number or 'same', got {args.warmup_turns!r}")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arms if a not in ARMS]
     if bad or not args.arms:

@@ -3,7 +3,7 @@
 # summary.json, summary.md and logs.tar.gz into $OUT (or E2E_OUT), print the table last.
 #   bash benchmarks/agentic/gpu/run_gpu.sh [--quick] [run_e2e.py options]
 #   --quick = --shape quick --budget-s 255 (a smoke of the whole pipeline within a 5-minute call)
-# Default: --shape full --budget-s 540 --parallel-start (for a 10-minute call).
+# Default: --shape full --budget-s 540 --parallel-start --warmup-turns same (for a 10-minute call).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 OUTDIR=${E2E_OUT:-${OUT:-/tmp/m3e2e/out}}
@@ -15,7 +15,7 @@ echo "[e2e] setup took $(( $(date +%s) - t0 )) s; PYTHONPATH=$PYTHONPATH"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Triton's cache on the scratch disk; keep it between the arms of this call.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/m3e2e/triton_cache}
-args=(--shape full --budget-s 540 --parallel-start)
+args=(--shape full --budget-s 540 --parallel-start --warmup-turns same)
 if [ "${1:-}" = "--quick" ]; then
   shift
   args=(--shape quick --budget-s 255 --parallel-start)
