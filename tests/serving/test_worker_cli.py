@@ -203,3 +203,14 @@ def test_serve_writes_the_tiny_model_once(tmp_path):
     assert tiny_model_path(str(tmp_path)) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch folder left behind
+
+
+def test_cpu_tensor_parallel_gets_one_core_group_per_rank(tiny_checkpoint):
+    from m3serve.serving.worker import cpu_rank_binding
+
+    assert cpu_rank_binding(2, [0, 1, 2, 3]) == "0,1|2,3"
+    assert cpu_rank_binding(2, [1, 0]) == "0|1"
+    assert cpu_rank_binding(3, [0, 1]) == "0|1|0"  # more ranks than cores: shared round-robin
+    launch = build_launch(["--model-path", str(tiny_checkpoint), "--device", "cpu", "--tp", "2"], {})
+    assert len(launch.env["SGLANG_CPU_OMP_THREADS_BIND"].split("|")) == 2
+    assert launch.command[launch.command.index("--tp-size") + 1] == "2"

@@ -100,6 +100,19 @@ def resolve_device(requested: str | None, environ: dict[str, str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_rank_binding(tp: int, cpus: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `tp` CPU ranks: the allowed cores split into `tp` groups.
+
+    SGLang's CPU ranks otherwise need one NUMA node each and refuse TP > number of NUMA nodes. With fewer
+    cores than ranks, ranks share cores round-robin (correct, just slower)."""
+    cpus = sorted(cpus)
+    if len(cpus) >= tp:
+        groups = [cpus[i * len(cpus) // tp : (i + 1) * len(cpus) // tp] for i in range(tp)]
+    else:
+        groups = [[cpus[i % len(cpus)]] for i in range(tp)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 def validate_checkpoint(model_path: str) -> None:
     """Refuse a missing, non-M3 or inconsistent checkpoint before SGLang spends ~30 s starting up."""
     path = Path(model_path)
@@ -168,6 +181,8 @@ def build_launch(argv: list[str], environ: dict[str, str] | None = None) -> Work
         "--host", args.host,
         "--port", str(args.port),
     ]
+    if device == "cpu" and args.tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(args.tp, list(os.sched_getaffinity(0)))
     if device == "cuda":
         # SGLang's import-time CUDA checks must see "not CUDA" in every process (see platform/cuda.py).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CUDA_SITE), env.get("PYTHONPATH")) if p)
