@@ -80,6 +80,9 @@ def register() -> None:
             raise
         handoff = None
     if handoff is not None:
-        handoff.install(HookRegistry)
+        try:
+            handoff.install(HookRegistry)
+        except Exception as e:  # SGLang would swallow it and serve without the image hand-off
+            _fail(f"m3serve.plugin.mm_handoff.install failed ({type(e).__name__}: {e})")
     marker.note("sglang_version", SUPPORTED_SGLANG)
     marker.record("plugin_registered")
