@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,23 +23,19 @@ def cargo() -> str:
     return found
 
 
-def run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def run(subcommand: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`cargo <subcommand> --manifest-path rust_gateway/Cargo.toml <args>`."""
     env = {**os.environ}
     env.setdefault("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "m3serve" / "cargo-target"))
-    return subprocess.run(
-        [cargo(), *args, "--manifest-path", str(MANIFEST)]
-        if args[0] != "fmt"
-        else [cargo(), "fmt", "--manifest-path", str(MANIFEST), *args[1:]],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
+    # The same interpreter every time, so pyo3's build configuration (and its build cache) is stable.
+    env.setdefault("PYO3_PYTHON", sys.executable)
+    cmd = [cargo(), subcommand, "--manifest-path", str(MANIFEST), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_cargo_unit_tests() -> None:
-    r = run("test", "--lib", timeout=1400)
+    # --release reuses the dependencies the bootstrap build (maturin, release) already compiled.
+    r = run("test", "--release", "--lib", timeout=1400)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     # The server-half suites must have run (not filtered out or compiled away).
