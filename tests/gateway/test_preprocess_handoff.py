@@ -10,7 +10,6 @@ HF image processor never ran; a control request with a raw image shows the count
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import os
@@ -67,21 +66,32 @@ def image_token_id(tiny_checkpoint) -> int:
 
 def test_float32_wire_equals_hf_processor(prepared, hf_pixels, tiny_checkpoint):
     p = prepared["float32"]
-    [item] = json.loads(p["worker_image_data"])
-    out = mm_handoff.decode_item(item, image_token_id(tiny_checkpoint), p["input_ids"])
-    assert out["format"] == "processor_output" and out["modality"] == "IMAGE"
-    assert mm_handoff.WIRE_KEY not in out
-    assert torch.equal(out["image_grid_thw"], hf_pixels["image_grid_thw"])
-    assert out["pixel_values"].dtype == torch.float32
-    assert torch.equal(out["pixel_values"], hf_pixels["pixel_values"])
+    urls = json.loads(p["worker_image_data"])
+    assert len(urls) == len(IMAGES) and all(u.startswith("data:application/x-m3serve-pixels;v=1;dtype=float32;") for u in urls)
+    [item] = mm_handoff.convert_image_data(urls, image_token_id(tiny_checkpoint), p["input_ids"])
+    assert item["format"] == "processor_output" and item["modality"] == "IMAGE"
+    assert torch.equal(item["image_grid_thw"], hf_pixels["image_grid_thw"])
+    assert item["pixel_values"].dtype == torch.float32
+    assert torch.equal(item["pixel_values"], hf_pixels["pixel_values"])
 
 
 def test_bfloat16_wire_equals_torch_cast(prepared, hf_pixels):
-    [item] = json.loads(prepared["bfloat16"]["worker_image_data"])
-    out = mm_handoff.decode_item(item)
-    assert out["pixel_values"].dtype == torch.bfloat16
-    assert torch.equal(out["pixel_values"], hf_pixels["pixel_values"].to(torch.bfloat16))
-    assert len(item["pixel_values"]["data"]) < len(json.loads(prepared["float32"]["worker_image_data"])[0]["pixel_values"]["data"]) * 0.6
+    urls = json.loads(prepared["bfloat16"]["worker_image_data"])
+    [item] = mm_handoff.convert_image_data(urls)
+    assert item["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(item["pixel_values"], hf_pixels["pixel_values"].to(torch.bfloat16))
+    f32 = json.loads(prepared["float32"]["worker_image_data"])
+    assert sum(map(len, urls)) < 0.6 * sum(map(len, f32))
+
+
+def test_worker_contract_admits_the_wire_format(prepared):
+    """SGLang's /generate contract gate accepts our image_data (it refuses processor_output dicts)."""
+    from sglang.srt.entrypoints.api_contract import generate_contract_error
+
+    p = prepared["float32"]
+    body = {"input_ids": p["input_ids"], "image_data": json.loads(p["worker_image_data"])}
+    assert generate_contract_error(body) is None
+    assert generate_contract_error({"input_ids": [1], "image_data": [{"format": "processor_output"}]}) is not None
 
 
 def test_placeholders_match_grids(prepared, tiny_checkpoint):
@@ -94,29 +104,29 @@ def test_placeholders_match_grids(prepared, tiny_checkpoint):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda it: it["pixel_values"].update(dtype="float16"), "dtype must be float32 or bfloat16"),
-        (lambda it: it["pixel_values"].update(shape=[1, 1176]), "holds .* bytes"),
-        (lambda it: it["pixel_values"].update(data="@@@"), "not valid base64"),
-        (lambda it: it.update(image_grid_thw=[[1, 2, 2]]), "describes 4 patches"),
-        (lambda it: it.update(image_grid_thw="x"), "image_grid_thw must be"),
-        (lambda it: it.update(m3serve_pixels="v9"), "unknown m3serve_pixels version"),
+        (lambda u: u.replace("dtype=float32", "dtype=float16"), "dtype must be float32 or bfloat16"),
+        (lambda u: u.replace(";v=1;", ";v=9;"), "unknown hand-off version"),
+        (lambda u: u.replace("grid=1x", "grid=2x"), "needs"),
+        (lambda u: u.replace("grid=1x", "grid=ax"), "grid must be TxHxW"),
+        (lambda u: u[:-8] + "@@@@@@@@", "not valid base64"),
+        (lambda u: u.replace(";base64,", ";raw,"), "must be base64"),
     ],
 )
 def test_malformed_items_are_refused_clearly(prepared, mutate, message):
-    [item] = json.loads(prepared["float32"]["worker_image_data"])
-    bad = copy.deepcopy(item)
-    mutate(bad)
+    url = json.loads(prepared["float32"]["worker_image_data"])[0]
     with pytest.raises(mm_handoff.HandoffError, match=message):
-        mm_handoff.decode_item(bad)
+        mm_handoff.convert_image_data([mutate(url)])
 
 
-def test_placeholder_count_mismatch_refused(prepared, tiny_checkpoint):
+def test_mixing_and_placeholder_mismatch_refused(prepared, tiny_checkpoint):
     p = prepared["float32"]
-    [item] = json.loads(p["worker_image_data"])
+    urls = json.loads(p["worker_image_data"])
+    with pytest.raises(mm_handoff.HandoffError, match="cannot mix"):
+        mm_handoff.convert_image_data([urls[0], "data:image/png;base64,AAAA"])
     tid = image_token_id(tiny_checkpoint)
     ids = [t for t in p["input_ids"] if t != tid][:10] + [tid] * 3
     with pytest.raises(mm_handoff.HandoffError, match="3 image placeholder tokens"):
-        mm_handoff.decode_item(item, tid, ids)
+        mm_handoff.convert_image_data(urls, tid, ids)
 
 
 def test_before_hook_rewrites_only_handoff_items(prepared, tiny_checkpoint):
@@ -160,11 +170,16 @@ def test_real_worker_skips_its_image_processing(tiny_checkpoint, tmp_path, worke
                     total[k] = total.get(k, 0) + v
             return total
 
-        out = worker.generate(
-            input_ids=p["input_ids"],
-            image_data=json.loads(p["worker_image_data"]),
-            sampling_params={"max_new_tokens": 4, "temperature": 0},
-        )
+        import urllib.error
+
+        try:
+            out = worker.generate(
+                input_ids=p["input_ids"],
+                image_data=json.loads(p["worker_image_data"]),
+                sampling_params={"max_new_tokens": 4, "temperature": 0},
+            )
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"worker refused the hand-off: HTTP {e.code}: {e.read()[:2000]!r}")
         assert out["meta_info"]["prompt_tokens"] == len(p["input_ids"])
         after_handoff = counts()
         assert after_handoff.get("mm_handoff_items", 0) >= 1, after_handoff
@@ -190,11 +205,13 @@ def test_real_worker_skips_its_image_processing(tiny_checkpoint, tmp_path, worke
 def worker_factory():
     """The serving tests' worker launcher (tests/serving/conftest.py), loaded under its own name."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "serving" / "conftest.py"
     spec = importlib.util.spec_from_file_location("m3serve_serving_conftest", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     os.environ.setdefault("M3SERVE_PLUGIN_MARKER_EVERY_EVENT", "1")
     return module.running_worker

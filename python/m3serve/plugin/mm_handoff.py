@@ -5,44 +5,44 @@ and sends the worker's ``/generate``:
 
 * ``input_ids``: the prompt with each image already expanded to start-of-image + N image tokens +
   end-of-image (N = grid_h * grid_w / 4);
-* ``image_data``: a one-item list (SGLang accepts exactly one ``processor_output`` item per modality)::
+* ``image_data``: one string per image, in prompt order, a data URL of our own media type::
 
-      {"format": "processor_output",
-       "modality": "IMAGE",
-       "m3serve_pixels": "v1",
-       "pixel_values": {"dtype": "float32" | "bfloat16",
-                        "shape": [rows, 1176],
-                        "data": "<base64 of the little-endian rows>"},
-       "image_grid_thw": [[1, grid_h, grid_w], ...]}   # one per image, in prompt order
+      data:application/x-m3serve-pixels;v=1;dtype=float32;grid=1x36x64;base64,<rows, little-endian>
 
-  ``rows`` = sum of grid_h * grid_w; each row is one 14x14 patch as [channel][temporal 2][14][14], in
-  the HF M3 processor's 2x2-merge-block order.
+  ``grid`` is the image's ``image_grid_thw`` (t x grid_h x grid_w); the payload holds t*grid_h*grid_w
+  rows of 1176 values (``dtype`` float32 or bfloat16): one 14x14 patch per row as
+  [channel][temporal 2][14][14], in the HF M3 processor's 2x2-merge-block order.
 
-SGLang 0.5.23 already passes ``processor_output`` items through untouched (no decode, no resize, no HF
-image processor: ``BaseMultimodalProcessor.load_mm_data``'s preprocessed fast path, then
-``collect_mm_items_from_processor_output``), but JSON cannot carry tensors. The BEFORE hook installed
-here on ``MiniMaxM3VLProcessor.process_mm_data_async`` turns the item into tensors (and checks that
-shape, grids and the prompt's placeholder count agree, with a clear error otherwise) before SGLang
-sees it. A second, observe-only hook counts calls of the HF image processor (``hf_image_processor_ran``
-in the plugin marker), so tests can show the worker skipped its own image processing.
+Strings, because SGLang 0.5.23's ``/generate`` contract gate admits image items only as strings or
+``{url, ...}`` objects (a ``processor_output`` dict is refused), and JSON cannot carry tensors anyway.
+The BEFORE hook installed here on ``MiniMaxM3VLProcessor.process_mm_data_async`` turns the strings into
+the single ``processor_output`` item (tensors) SGLang accepts per modality, after checking that sizes,
+grids and the prompt's placeholder count agree (a clear ``ValueError``, answered with HTTP 400,
+otherwise). SGLang then takes the item through its preprocessed fast path (``load_mm_data`` returns it
+untouched, ``collect_mm_items_from_processor_output`` reads it): no decode, no resize, no HF image
+processor. A second, observe-only hook counts calls of the HF image processor
+(``hf_image_processor_ran`` in the plugin marker), so tests can show the worker skipped them.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any
 
 from . import marker
 
-WIRE_KEY = "m3serve_pixels"
-WIRE_VERSION = "v1"
+MEDIA_TYPE = "application/x-m3serve-pixels"
+PREFIX = f"data:{MEDIA_TYPE};"
+WIRE_VERSION = "1"
+ROW_LEN = 3 * 2 * 14 * 14
 PROCESS_TARGET = "sglang.srt.multimodal.processors.minimax_m3_vl.MiniMaxM3VLProcessor.process_mm_data_async"
 HF_IMAGE_TARGET = (
     "transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl.MiniMaxM3VLImageProcessor.preprocess"
 )
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
-__all__ = ["HandoffError", "decode_item", "install", "is_handoff_item", "convert_image_data"]
+__all__ = ["HandoffError", "convert_image_data", "decode_url", "install", "is_handoff_item"]
 
 
 class HandoffError(ValueError):
@@ -50,69 +50,72 @@ class HandoffError(ValueError):
 
 
 def is_handoff_item(item: Any) -> bool:
-    return isinstance(item, dict) and item.get(WIRE_KEY) is not None
+    return isinstance(item, str) and item.startswith(PREFIX)
 
 
-def decode_item(item: dict, image_token_id: int | None = None, input_ids: list[int] | None = None,
-                merge_size: int = 2) -> dict:
-    """The wire item -> SGLang's ``processor_output`` dict with ``pixel_values`` and ``image_grid_thw``
-    tensors. With ``input_ids`` and ``image_token_id``, also checks the placeholder count."""
+def decode_url(url: str):
+    """One hand-off data URL -> (pixel rows tensor [rows, 1176], [t, h, w])."""
     import torch
 
-    if item.get(WIRE_KEY) != WIRE_VERSION:
-        raise HandoffError(f"unknown {WIRE_KEY} version {item.get(WIRE_KEY)!r} (this worker reads {WIRE_VERSION!r})")
-    pv = item.get("pixel_values")
-    if not isinstance(pv, dict):
-        raise HandoffError("pixel_values must be an object with dtype, shape and data")
-    dtype = pv.get("dtype")
+    if not is_handoff_item(url):
+        raise HandoffError(f"not an {MEDIA_TYPE} data URL")
+    meta, sep, payload = url[len("data:"):].partition(",")
+    if not sep:
+        raise HandoffError("hand-off data URL has no payload")
+    params = dict(p.split("=", 1) for p in meta.split(";")[1:] if "=" in p)
+    if not meta.endswith(";base64"):
+        raise HandoffError("hand-off data URL must be base64")
+    if params.get("v") != WIRE_VERSION:
+        raise HandoffError(f"unknown hand-off version {params.get('v')!r} (this worker reads {WIRE_VERSION!r})")
+    dtype = params.get("dtype")
     if dtype not in _ITEMSIZE:
-        raise HandoffError(f"pixel_values dtype must be float32 or bfloat16, got {dtype!r}")
-    shape = pv.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape)):
-        raise HandoffError(f"pixel_values shape must be [rows, cols] of positive ints, got {shape!r}")
+        raise HandoffError(f"hand-off dtype must be float32 or bfloat16, got {dtype!r}")
     try:
-        raw = base64.b64decode(pv.get("data", ""), validate=True)
-    except (ValueError, TypeError) as e:
-        raise HandoffError(f"pixel_values data is not valid base64: {e}") from e
-    rows, cols = shape
-    if len(raw) != rows * cols * _ITEMSIZE[dtype]:
-        raise HandoffError(f"pixel_values holds {len(raw)} bytes, shape {shape} of {dtype} needs {rows * cols * _ITEMSIZE[dtype]}")
-    grids = item.get("image_grid_thw")
-    if not (isinstance(grids, list) and grids and all(
-        isinstance(g, list) and len(g) == 3 and all(isinstance(x, int) and x > 0 for x in g) for g in grids
-    )):
-        raise HandoffError(f"image_grid_thw must be a non-empty list of [t, h, w] positive ints, got {grids!r}")
-    patches = sum(t * h * w for t, h, w in grids)
-    if patches != rows:
-        raise HandoffError(f"image_grid_thw describes {patches} patches but pixel_values has {rows} rows")
-    if image_token_id is not None and input_ids is not None:
-        want = patches // (merge_size * merge_size)
-        have = sum(1 for t in input_ids if t == image_token_id)
-        if have != want:
-            raise HandoffError(f"the prompt has {have} image placeholder tokens, the images need {want}")
+        grid = [int(x) for x in params.get("grid", "").split("x")]
+    except ValueError:
+        grid = []
+    if len(grid) != 3 or min(grid) <= 0:
+        raise HandoffError(f"hand-off grid must be TxHxW positive integers, got {params.get('grid')!r}")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HandoffError(f"hand-off pixels are not valid base64: {e}") from e
+    rows = grid[0] * grid[1] * grid[2]
+    need = rows * ROW_LEN * _ITEMSIZE[dtype]
+    if len(raw) != need:
+        raise HandoffError(f"hand-off pixels hold {len(raw)} bytes; grid {params['grid']} of {dtype} needs {need}")
     torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    pixels = torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(rows, cols)
-    out = {k: v for k, v in item.items() if k not in (WIRE_KEY, "pixel_values", "image_grid_thw")}
-    out.update(
-        format="processor_output",
-        modality="IMAGE",
-        pixel_values=pixels,
-        image_grid_thw=torch.tensor(grids, dtype=torch.long),
-    )
-    return out
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(rows, ROW_LEN), grid
 
 
 def convert_image_data(image_data: Any, image_token_id: int | None = None, input_ids: Any = None,
                        merge_size: int = 2) -> Any:
-    """``image_data`` of a request with every hand-off item decoded (other items untouched)."""
+    """``image_data`` with the hand-off strings replaced by one ``processor_output`` item; other
+    requests are returned untouched. With ``input_ids`` and ``image_token_id``, also checks that the
+    prompt has exactly the placeholders the images need."""
+    import torch
+
     if not isinstance(image_data, list) or not any(is_handoff_item(i) for i in image_data):
         return image_data
-    ids = input_ids if isinstance(input_ids, list) else None
-    converted = [
-        decode_item(i, image_token_id, ids, merge_size) if is_handoff_item(i) else i for i in image_data
-    ]
+    if not all(is_handoff_item(i) for i in image_data):
+        raise HandoffError("a request cannot mix gateway-preprocessed images with raw images")
+    decoded = [decode_url(u) for u in image_data]
+    if len({p.dtype for p, _ in decoded}) != 1:
+        raise HandoffError("all hand-off images of a request must use the same dtype")
+    grids = [g for _, g in decoded]
+    if image_token_id is not None and isinstance(input_ids, list):
+        want = sum(t * h * w for t, h, w in grids) // (merge_size * merge_size)
+        have = sum(1 for t in input_ids if t == image_token_id)
+        if have != want:
+            raise HandoffError(f"the prompt has {have} image placeholder tokens, the images need {want}")
+    item = {
+        "format": "processor_output",
+        "modality": "IMAGE",
+        "pixel_values": torch.cat([p for p, _ in decoded]) if len(decoded) > 1 else decoded[0][0],
+        "image_grid_thw": torch.tensor(grids, dtype=torch.long),
+    }
     marker.record("mm_handoff_items", "image hand-off: using the gateway's preprocessed pixels")
-    return converted
+    return [item]
 
 
 def _before_process_mm_data(self, *args, **kwargs):

@@ -1,24 +1,27 @@
 //! The image hand-off to the SGLang worker: already-preprocessed pixels, so the worker neither
 //! decodes nor resizes again.
 //!
-//! Wire format (`image_data` of the worker's `/generate`, one item for all images of the request,
-//! because SGLang accepts exactly one `processor_output` item per modality):
+//! Wire format: `image_data` of the worker's `/generate` is a list with one string per image, in
+//! prompt order, each a data URL of our own media type whose parameters say how to read it:
 //!
-//! ```json
-//! {"format": "processor_output",
-//!  "modality": "IMAGE",
-//!  "m3serve_pixels": "v1",
-//!  "pixel_values": {"dtype": "float32" | "bfloat16", "shape": [rows, 1176], "data": "<base64, little-endian>"},
-//!  "image_grid_thw": [[1, grid_h, grid_w], ...]}
+//! ```text
+//! data:application/x-m3serve-pixels;v=1;dtype=float32;grid=1x36x64;base64,<rows, little-endian>
 //! ```
 //!
-//! `input_ids` already hold the expanded placeholders (start-of-image, N image tokens,
-//! end-of-image per image). SGLang 0.5.23 takes `processor_output` items as they are, except
-//! that JSON cannot carry tensors: `python/m3serve/plugin/mm_handoff.py` turns `pixel_values` and
-//! `image_grid_thw` into tensors before the M3 processor sees the item (see its docstring).
+//! `grid` is `t x grid_h x grid_w` (the image's `image_grid_thw`), the payload holds
+//! `t*grid_h*grid_w` rows of `3*2*14*14 = 1176` values (`dtype` float32 or bfloat16), laid out as the
+//! HF M3 processor's `pixel_values`. `input_ids` already hold the expanded placeholders
+//! (start-of-image, N image tokens, end-of-image per image).
+//!
+//! Why strings: SGLang 0.5.23's `/generate` contract gate (`sglang.api.v1.api_types`) admits image
+//! items only as strings or `{url, ...}` objects, so a `processor_output` dict cannot be posted, and
+//! JSON cannot carry tensors anyway. The worker-side plugin hook
+//! (`python/m3serve/plugin/mm_handoff.py`) turns these strings into the single `processor_output`
+//! item (tensors) that SGLang's M3 processor passes through without loading, resizing or running
+//! the HF image processor.
 
 use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::images::ProcessedImage;
 
@@ -65,35 +68,41 @@ pub fn pixel_bytes(images: &[ProcessedImage], dtype: WireDtype) -> Vec<u8> {
     let mut out = Vec::with_capacity(total * if dtype == WireDtype::Float32 { 4 } else { 2 });
     for img in images {
         match dtype {
-            WireDtype::Float32 => {
-                for v in &img.pixel_values {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
+            WireDtype::Float32 => out.extend_from_slice(f32_le_bytes(&img.pixel_values).as_ref()),
             WireDtype::BFloat16 => {
-                for v in &img.pixel_values {
-                    out.extend_from_slice(&f32_to_bf16_bits(*v).to_le_bytes());
-                }
+                let bits: Vec<u16> = img.pixel_values.iter().map(|v| f32_to_bf16_bits(*v).to_le()).collect();
+                out.extend_from_slice(bytemuck::cast_slice(&bits));
             }
         }
     }
     out
 }
 
+/// The little-endian bytes of `values`: a free view on little-endian machines.
+pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// Media type of the hand-off data URLs.
+pub const WIRE_MEDIA_TYPE: &str = "application/x-m3serve-pixels";
+
+/// One image as a hand-off data URL (see the module docs).
+pub fn image_data_url(image: &ProcessedImage, dtype: WireDtype) -> String {
+    let [t, h, w] = image.grid_thw;
+    let data = base64::engine::general_purpose::STANDARD.encode(pixel_bytes(std::slice::from_ref(image), dtype));
+    format!("data:{WIRE_MEDIA_TYPE};v=1;dtype={};grid={t}x{h}x{w};base64,{data}", dtype.name())
+}
+
 /// The `image_data` list for the worker's `/generate` (None when the request has no image).
 pub fn worker_image_data(images: &[ProcessedImage], dtype: WireDtype) -> Option<Value> {
-    let first = images.first()?;
-    let row_len = first.pixel_values.len() / first.num_patches().max(1);
-    let rows: usize = images.iter().map(ProcessedImage::num_patches).sum();
-    let data = base64::engine::general_purpose::STANDARD.encode(pixel_bytes(images, dtype));
-    let grids: Vec<Value> = images.iter().map(|i| json!(i.grid_thw)).collect();
-    Some(json!([{
-        "format": "processor_output",
-        "modality": "IMAGE",
-        "m3serve_pixels": "v1",
-        "pixel_values": {"dtype": dtype.name(), "shape": [rows, row_len], "data": data},
-        "image_grid_thw": grids,
-    }]))
+    if images.is_empty() {
+        return None;
+    }
+    Some(Value::Array(images.iter().map(|i| Value::String(image_data_url(i, dtype))).collect()))
 }
 
 #[cfg(test)]

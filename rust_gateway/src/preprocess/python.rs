@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value;
 
-use super::handoff::{pixel_bytes, WireDtype};
+use super::handoff::{f32_le_bytes, pixel_bytes, WireDtype};
 use super::images::decode::decode_rgb;
 use super::images::fetch::{FetchConfig, Fetcher};
 use super::images::{resize, smart_resize as smart_resize_rs, ImageConfig, ImageProcessor, ResizePolicy};
@@ -217,7 +217,7 @@ fn preprocess_image<'py>(
         py.allow_threads(|| processor.process_bytes(data)).map_err(|m| PyValueError::new_err(format!("400: {m}")))?;
     let rows = out.num_patches();
     let cols = out.pixel_values.len() / rows.max(1);
-    let bytes = pixel_bytes(std::slice::from_ref(&out), WireDtype::Float32);
+    let bytes = f32_le_bytes(&out.pixel_values);
     Ok((PyBytes::new(py, &bytes), (rows, cols), (out.grid_thw[0], out.grid_thw[1], out.grid_thw[2])))
 }
 

@@ -290,3 +290,32 @@ mod tests {
         assert_eq!(out.pixel_values.len(), 36 * 64 * 1176);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release -- --ignored --nocapture timing`: where one 1080p image's time goes.
+    #[test]
+    #[ignore]
+    fn stages_of_a_1080p_image() {
+        let (w, h) = (1920usize, 1080usize);
+        let data: Vec<u8> = (0..w * h * 3).map(|i| ((i * 2654435761usize) >> 13) as u8).collect();
+        let img = RgbImage { width: w, height: h, data };
+        let p = ImageProcessor::new(ImageConfig::default());
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let mid = resize::horizontal_pass(&img.data, w, h, 896);
+            let t_h = t.elapsed();
+            let resized = resize::vertical_pass(&mid, 896, h, 504);
+            let t_resize = t.elapsed();
+            eprintln!("horizontal {t_h:?}");
+            let t = std::time::Instant::now();
+            let mut out = Vec::new();
+            let geometry = PatchGeometry { patch: 14, merge: 2, temporal: 2 };
+            patchify_into(&resized, 896, 504, geometry, &p.table, &mut out);
+            let t_patch = t.elapsed();
+            eprintln!("resize {t_resize:?} patchify {t_patch:?} ({} floats)", out.len());
+        }
+    }
+}

@@ -71,19 +71,24 @@ pub fn patchify_into(
                     let (prow, pcol) = (bh * m + mh, bw * m + mw);
                     let (row, rest) = dst.split_at_mut(row_len);
                     dst = rest;
-                    for c in 0..3 {
-                        let lut = &table.lut[c];
-                        let plane = &mut row[c * t * p * p..(c + 1) * t * p * p];
-                        let (first, others) = plane.split_at_mut(p * p);
-                        for py in 0..p {
-                            let y = prow * p + py;
-                            let src = &rgb[y * stride + pcol * p * 3..y * stride + (pcol + 1) * p * 3];
-                            let d = &mut first[py * p..(py + 1) * p];
-                            for (px, v) in d.iter_mut().enumerate() {
-                                *v = lut[src[px * 3 + c] as usize];
-                            }
+                    // Channel planes of this patch row: [c][t][py][px]; fill t = 0, then copy.
+                    let plane = t * p * p;
+                    for py in 0..p {
+                        let y = prow * p + py;
+                        let src = &rgb[y * stride + pcol * p * 3..y * stride + (pcol + 1) * p * 3];
+                        let (r, rest) = row.split_at_mut(plane);
+                        let (gr, b) = rest.split_at_mut(plane);
+                        let (r, gr, b) = (&mut r[py * p..(py + 1) * p], &mut gr[py * p..(py + 1) * p], &mut b[py * p..(py + 1) * p]);
+                        for (((px, r), gr), b) in src.chunks_exact(3).zip(r).zip(gr).zip(b) {
+                            *r = table.lut[0][px[0] as usize];
+                            *gr = table.lut[1][px[1] as usize];
+                            *b = table.lut[2][px[2] as usize];
                         }
-                        // The still image fills every temporal slot.
+                    }
+                    // The still image fills every temporal slot.
+                    for c in 0..3 {
+                        let ch = &mut row[c * plane..(c + 1) * plane];
+                        let (first, others) = ch.split_at_mut(p * p);
                         for slot in others.chunks_exact_mut(p * p) {
                             slot.copy_from_slice(first);
                         }
