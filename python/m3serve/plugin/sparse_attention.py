@@ -88,11 +88,14 @@ def batch_plan(backend, forward_batch, num_pages: int):
     if cached is not None and cached[0] is forward_batch:
         return cached[1]
     msa = _msa()
-    seq_lens = [int(s) for s in forward_batch.seq_lens_cpu.tolist()]
+    seq_src = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+    seq_lens = [int(s) for s in seq_src.tolist()]
     if forward_batch.forward_mode.is_decode():
         q_lens = [1] * len(seq_lens)
-    else:
+    elif forward_batch.extend_seq_lens_cpu is not None:
         q_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+    else:
+        q_lens = [int(n) for n in forward_batch.extend_seq_lens.tolist()]
     width = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE) * msa.BLOCK_SIZE
     # Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size.
     rows = backend.req_to_token[forward_batch.req_pool_indices.long()]
@@ -106,6 +109,9 @@ def batch_plan(backend, forward_batch, num_pages: int):
 def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, phase: str):
     from msa_kernels import ops
 
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The plan is built on the host from this batch's lengths: it cannot live inside a captured graph.
+        raise UnsupportedSparseSetup("M3 sparse layers via msa_kernels run eagerly: pass --disable-cuda-graph")
     if save_kv_cache and not backend._is_sparse_kv_cached_by_fusion(forward_batch, layer.layer_id):
         backend.kv_pool.set_fused_kv_index_buffer(
             layer, forward_batch.out_cache_loc, k, v, idx_k, None,
