@@ -578,8 +578,8 @@ def test_model_mode_sends_template_tokens_and_image_handoff(fake_workers, start_
     sent = w.requests[-1]
     assert sent["input_ids"] == list(ids)
     assert r.usage.prompt_tokens == len(ids)
-    handoff = sent["image_data"][0]
-    assert handoff["format"] == "processor_output" and len(handoff["image_grid_thw"]) == 1
+    handoff = sent["image_data"]  # one preprocessed-pixels data URL per image (preprocess/handoff.rs)
+    assert len(handoff) == 1 and handoff[0].startswith("data:application/x-m3serve-pixels;")
     assert r.choices[0].message.content == "A red square."
     bad = [
         {
