@@ -69,15 +69,13 @@ impl ReasoningSplitter {
                         }
                         return;
                     }
-                    if self.enabled && trimmed.starts_with(THINK_START) {
-                        let rest = trimmed[THINK_START.len()..].to_string();
-                        self.buffer = rest;
+                    if let Some(rest) = trimmed.strip_prefix(THINK_START).filter(|_| self.enabled) {
+                        self.buffer = rest.to_string();
                         self.state = State::Reasoning { trim_start: true };
                         continue;
                     }
-                    if trimmed.starts_with(THINK_END) {
-                        let rest = trimmed[THINK_END.len()..].to_string();
-                        self.buffer = rest;
+                    if let Some(rest) = trimmed.strip_prefix(THINK_END) {
+                        self.buffer = rest.to_string();
                         self.state = State::Content { trim_start: true };
                         continue;
                     }

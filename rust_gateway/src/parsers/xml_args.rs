@@ -27,7 +27,7 @@ pub fn parse_arguments(body: &str, schema: Option<&Value>) -> Value {
         // The root of a call is always an object of named arguments.
         other => {
             let mut map = Map::new();
-            if !matches!(other, Value::Null) && !(other.is_string() && other.as_str() == Some("")) {
+            if !other.is_null() && other.as_str() != Some("") {
                 map.insert("value".into(), other);
             }
             Value::Object(map)

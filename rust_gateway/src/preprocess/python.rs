@@ -184,15 +184,14 @@ fn render_chat(py: Python<'_>, model_dir: &str, request_json: &str) -> PyResult<
     .map_err(to_py_err)
 }
 
+/// (float32 pixel bytes, (rows, cols), (t, h, w)).
+type ImageTuple<'py> = (Bound<'py, PyBytes>, (usize, usize), (u32, u32, u32));
+
 /// `preprocess_image(data, config_json=None) -> (float32 bytes, (rows, 1176), (t, h, w))`.
 /// Config keys: min_pixels, max_pixels, resize_policy, max_side, max_pixels_decoded.
 #[pyfunction]
 #[pyo3(signature = (data, config_json=None))]
-fn preprocess_image<'py>(
-    py: Python<'py>,
-    data: &[u8],
-    config_json: Option<&str>,
-) -> PyResult<(Bound<'py, PyBytes>, (usize, usize), (u32, u32, u32))> {
+fn preprocess_image<'py>(py: Python<'py>, data: &[u8], config_json: Option<&str>) -> PyResult<ImageTuple<'py>> {
     let mut cfg = ImageConfig::default();
     if let Some(text) = config_json {
         let v = parse_json(text, "config")?;

@@ -100,12 +100,10 @@ fn normalize_message(i: usize, m: &Value, image_urls: &mut Vec<String>) -> Resul
     }
     let mut out = obj.clone();
     match obj.get("content") {
+        // Only an assistant turn may omit content (e.g. one that only calls tools).
         None | Some(Value::Null) => {
-            let has_calls = obj.get("tool_calls").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
-            if role != "assistant" || !has_calls {
-                if role != "assistant" {
-                    return Err(PreprocessError::bad_param(&param, format!("{param}.content is required")));
-                }
+            if role != "assistant" {
+                return Err(PreprocessError::bad_param(&param, format!("{param}.content is required")));
             }
         }
         Some(Value::String(_)) => {}

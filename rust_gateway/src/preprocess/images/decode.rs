@@ -67,35 +67,23 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, String> {
 
 /// Structural check that the file is complete; decoders often paper over truncation.
 fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), String> {
-    let truncated = |what: &str| Err(format!("truncated {what} data ({} bytes)", bytes.len()));
-    match format {
-        ImageFormat::Jpeg => {
-            // The end-of-image marker; some writers append a few padding bytes after it.
-            let tail = &bytes[bytes.len().saturating_sub(64)..];
-            if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-                return truncated("JPEG");
-            }
-        }
-        ImageFormat::Png => {
-            let tail = &bytes[bytes.len().saturating_sub(64)..];
-            if !tail.windows(4).any(|w| w == b"IEND") {
-                return truncated("PNG");
-            }
-        }
-        ImageFormat::Gif => {
-            if bytes.last() != Some(&0x3B) && !bytes[bytes.len().saturating_sub(16)..].contains(&0x3B) {
-                return truncated("GIF");
-            }
-        }
+    let tail = |n: usize| &bytes[bytes.len().saturating_sub(n)..];
+    let (complete, what) = match format {
+        // The end-of-image marker; some writers append a few padding bytes after it.
+        ImageFormat::Jpeg => (tail(64).windows(2).any(|w| w == [0xFF, 0xD9]), "JPEG"),
+        ImageFormat::Png => (tail(64).windows(4).any(|w| w == b"IEND"), "PNG"),
+        ImageFormat::Gif => (tail(16).contains(&0x3B), "GIF"),
         ImageFormat::WebP => {
             let declared = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize + 8;
-            if bytes.len() < declared {
-                return truncated("WebP");
-            }
+            (bytes.len() >= declared, "WebP")
         }
-        _ => {}
+        _ => (true, ""),
+    };
+    if complete {
+        Ok(())
+    } else {
+        Err(format!("truncated {what} data ({} bytes)", bytes.len()))
     }
-    Ok(())
 }
 
 /// Header dimensions without decoding pixels.

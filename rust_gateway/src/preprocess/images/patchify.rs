@@ -57,7 +57,7 @@ pub fn patchify_into(
     out: &mut Vec<f32>,
 ) -> (usize, usize) {
     let (p, m, t) = (g.patch, g.merge, g.temporal);
-    assert!(w % (p * m) == 0 && h % (p * m) == 0, "image {w}x{h} is not a multiple of {}", p * m);
+    assert!(w.is_multiple_of(p * m) && h.is_multiple_of(p * m), "image {w}x{h} is not a multiple of {}", p * m);
     let (gh, gw) = (h / p, w / p);
     let row_len = g.row_len();
     let base = out.len();
@@ -78,7 +78,8 @@ pub fn patchify_into(
                         let src = &rgb[y * stride + pcol * p * 3..y * stride + (pcol + 1) * p * 3];
                         let (r, rest) = row.split_at_mut(plane);
                         let (gr, b) = rest.split_at_mut(plane);
-                        let (r, gr, b) = (&mut r[py * p..(py + 1) * p], &mut gr[py * p..(py + 1) * p], &mut b[py * p..(py + 1) * p]);
+                        let (r, gr, b) =
+                            (&mut r[py * p..(py + 1) * p], &mut gr[py * p..(py + 1) * p], &mut b[py * p..(py + 1) * p]);
                         for (((px, r), gr), b) in src.chunks_exact(3).zip(r).zip(gr).zip(b) {
                             *r = table.lut[0][px[0] as usize];
                             *gr = table.lut[1][px[1] as usize];
