@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k8s-port", type=int, default=30000, help="worker port on each pod")
     p.add_argument("--k8s-poll-interval", type=float, default=5.0)
     p.add_argument("--k8s-token-path", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds open requests may finish after SIGTERM/SIGINT",
+    )
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("--log-level", default="info")
     p.add_argument(
@@ -131,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "balance_rel_threshold": args.balance_rel_threshold,
         "prefix_chunk_tokens": args.prefix_chunk_tokens,
         "session_ttl_secs": args.session_ttl,
+        "shutdown_grace_secs": args.shutdown_grace,
         "log_format": args.log_format,
         "log_level": args.log_level,
     }

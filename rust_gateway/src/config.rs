@@ -56,6 +56,8 @@ pub struct GatewayConfig {
     pub session_ttl_secs: f64,
     pub max_sessions: usize,
     pub kubernetes: Option<KubernetesConfig>,
+    /// After SIGTERM/SIGINT: how long open requests (streams) may finish before the gateway exits.
+    pub shutdown_grace_secs: f64,
     /// `json` (default) or `text`.
     pub log_format: String,
     /// tracing filter, e.g. `info` or `m3serve_gateway=debug`.
@@ -94,6 +96,7 @@ impl Default for GatewayConfig {
             session_ttl_secs: 3600.0,
             max_sessions: 100_000,
             kubernetes: None,
+            shutdown_grace_secs: 30.0,
             log_format: "json".into(),
             log_level: "info".into(),
         }

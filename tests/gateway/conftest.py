@@ -88,7 +88,17 @@ def start_gateway(tmp_path) -> Iterator[Callable[..., Gateway]]:
         expect_ready: bool = True,
     ) -> Gateway:
         port = free_port()
-        args = ["--served-model-name", MODEL, "--health-interval", "0.5", "--log-format", "json", *extra]
+        args = [
+            "--served-model-name",
+            MODEL,
+            "--health-interval",
+            "0.5",
+            "--log-format",
+            "json",
+            "--shutdown-grace",
+            "3",
+            *extra,
+        ]
         if model_mode == "bytes":
             args += ["--tokenizer-mode", "bytes"]
         urls = worker_urls or ["http://127.0.0.1:9"]

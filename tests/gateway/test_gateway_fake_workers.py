@@ -591,3 +591,25 @@ def test_model_mode_sends_template_tokens_and_image_handoff(fake_workers, start_
         client(gw).chat.completions.create(model=MODEL, messages=bad)
     assert "image" in str(e.value).lower()
     assert len(w.requests) == 1  # the bad request never reached the worker
+
+
+def test_sigterm_lets_open_streams_finish(fake_workers, start_gateway):
+    import signal
+
+    (w,) = fake_workers(1)
+    w.configure(reply="y" * 40, piece_chars=1, token_delay=0.03)
+    gw = start_gateway([w.url], "--shutdown-grace", "10")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    text = ""
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=20) as r:
+        lines = r.iter_lines()
+        next(lines)
+        gw.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    for line in rest:
+        if line.startswith("data: {"):
+            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    assert text == "y" * 40 and [line for line in rest if line][-1] == "data: [DONE]"
+    assert gw.proc.wait(15) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(gw.url + "/liveness", timeout=2)

@@ -195,9 +195,10 @@ pub async fn run(
         _ = shutdown => {}
         _ = termination_signal() => {}
     }
-    tracing::info!("shutting down: draining open requests (up to 10 s)");
+    let grace = Duration::from_secs_f64(st.cfg.shutdown_grace_secs.max(0.0));
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: no new connections, draining open requests");
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    let _ = tokio::time::timeout(grace, server).await;
     for t in tasks {
         t.abort();
     }
