@@ -613,3 +613,29 @@ def test_sigterm_lets_open_streams_finish(fake_workers, start_gateway):
     assert gw.proc.wait(15) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(gw.url + "/liveness", timeout=2)
+
+
+def test_sticky_session_spills_when_its_worker_is_overloaded(fake_workers, start_gateway):
+    a, b = fake_workers(2)
+    for w in (a, b):
+        w.configure(first_delay=1.0)
+    gw = start_gateway([a.url, b.url], "--balance-abs-threshold", "2", "--balance-rel-threshold", "1.5")
+
+    def call() -> None:
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            timeout=20,
+            headers={"x-session-id": "one-agent"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+        )
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # arrive one after another, so the gateway sees the growing load
+    for t in threads:
+        t.join(20)
+    counts = sorted([len(a.requests), len(b.requests)])
+    # Sticky up to 3 in flight (0 + 2 < 3 and 3 > 1.5 * 0), then the overflow goes to the idle worker.
+    assert counts[0] >= 2 and sum(counts) == 8, counts
+    assert gw.metric('m3gw_routing_decisions_total{reason="spill"}') >= 1
