@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=2, help="other workers tried after a connection error")
     p.add_argument("--health-interval", type=float, default=5.0)
     p.add_argument("--health-failure-threshold", type=int, default=2)
+    p.add_argument("--health-timeout", type=float, default=3.0,
+                   help="seconds a /health check may take; a timeout while the worker serves our requests "
+                        "counts as busy, not as a failure")
     p.add_argument(
         "--breaker-threshold", type=int, default=5, help="consecutive failures that open a breaker"
     )
@@ -130,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_retries": args.max_retries,
         "health_interval_secs": args.health_interval,
         "health_failure_threshold": args.health_failure_threshold,
+        "health_timeout_secs": args.health_timeout,
         "breaker_failure_threshold": args.breaker_threshold,
         "breaker_open_secs": args.breaker_open_secs,
         "max_inflight_per_worker": args.max_inflight_per_worker,

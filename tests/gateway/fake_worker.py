@@ -79,6 +79,7 @@ class FakeWorker:
         hang: bool = False,
         incremental: bool = False,
         healthy: bool = True,
+        health_delay: float = 0.0,
     ) -> None:
         with self.lock:
             self.config = dict(
@@ -91,6 +92,7 @@ class FakeWorker:
                 hang=hang,
                 incremental=incremental,
                 healthy=healthy,
+                health_delay=health_delay,
             )
 
     def stop(self) -> None:
@@ -163,6 +165,8 @@ class FakeWorker:
 
             def do_GET(self) -> None:
                 if self.path == "/health":
+                    if worker.config["health_delay"]:  # a worker whose event loop is busy with a long step
+                        time.sleep(worker.config["health_delay"])
                     self._json(200 if worker.config["healthy"] else 503, {})
                 elif self.path.startswith("/v1/loads"):
                     self._json(

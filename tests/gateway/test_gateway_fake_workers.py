@@ -639,3 +639,19 @@ def test_sticky_session_spills_when_its_worker_is_overloaded(fake_workers, start
     # Sticky up to 3 in flight (0 + 2 < 3 and 3 > 1.5 * 0), then the overflow goes to the idle worker.
     assert counts[0] >= 2 and sum(counts) == 8, counts
     assert gw.metric('m3gw_routing_decisions_total{reason="spill"}') >= 1
+
+
+def test_busy_worker_whose_health_check_times_out_stays_in_routing(fake_workers, start_gateway):
+    """A long prefill can hold SGLang's event loop past the health timeout; that worker is busy, not dead."""
+    (w,) = fake_workers(1)
+    gw = start_gateway([w.url], "--health-interval", "0.3", "--health-timeout", "0.2",
+                       "--health-failure-threshold", "1")
+    w.configure(first_delay=2.5, health_delay=1.0)
+    c = client(gw)
+    slow = threading.Thread(target=lambda: chat(c, "long prefill"))
+    slow.start()
+    time.sleep(1.5)  # several health checks time out while the slow request is in flight
+    assert httpx.get(gw.url + "/health", timeout=5).status_code == 200
+    slow.join(10)
+    # Idle and still not answering in time: now it is a failed check, and the worker leaves routing.
+    assert wait_until(lambda: httpx.get(gw.url + "/health", timeout=5).status_code == 503, 10)

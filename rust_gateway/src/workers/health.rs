@@ -1,7 +1,11 @@
 //! Background health and load checks of every worker.
 //!
 //! `GET /health` decides routability (after `health_failure_threshold` consecutive failures a
-//! worker leaves routing; one success brings it back). `GET /v1/loads?include=core` gives the
+//! worker leaves routing; one success brings it back). A check that *times out* while the worker is
+//! serving requests of ours counts as busy, not dead: SGLang answers /health from the same event loop
+//! that a long prefill (or a kernel compile) can hold for seconds, and evicting the worker then would
+//! turn one slow step into 503s for everyone. A truly hung worker still leaves routing: its requests
+//! hit the upstream timeout, which opens its circuit breaker. `GET /v1/loads?include=core` gives the
 //! worker's own running/waiting counts, exported as metrics (traffic from other clients included).
 
 use super::client::WorkerClient;
@@ -12,10 +16,13 @@ use std::time::Duration;
 
 /// One check of one worker. Returns whether it answered healthy.
 pub async fn check_worker(client: &WorkerClient, worker: &Worker, timeout: Duration, failure_threshold: u32) -> bool {
-    let ok = matches!(
-        client.http().get(format!("{}/health", worker.url)).timeout(timeout).send().await,
-        Ok(r) if r.status().is_success()
-    );
+    let outcome = client.http().get(format!("{}/health", worker.url)).timeout(timeout).send().await;
+    let ok = matches!(&outcome, Ok(r) if r.status().is_success());
+    let busy = matches!(&outcome, Err(e) if e.is_timeout()) && worker.in_flight() > 0;
+    if busy {
+        tracing::debug!(worker = %worker.url, in_flight = worker.in_flight(), "health check timed out while busy");
+        return true;
+    }
     if ok {
         let was_unhealthy = !worker.is_healthy();
         worker.set_healthy(true);
