@@ -158,9 +158,10 @@ def test_hooks_target_existing_sglang_and_transformers_code():
 def test_real_worker_skips_its_image_processing(tiny_checkpoint, tmp_path, worker_factory):
     from m3serve.plugin.marker import read_all
 
-    pre = g.Preprocessor(str(tiny_checkpoint))
+    # bf16: SGLang's M3 vision tower asserts bf16 pixel_values (a float32 worker cannot take images).
+    pre = g.Preprocessor(str(tiny_checkpoint), json.dumps({"wire_dtype": "bfloat16"}))
     p = pre.prepare_chat(json.dumps(request(IMAGES)))
-    args = ["--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup", "--mem-fraction-static", "0.3"]
+    args = ["--dtype", "bfloat16", "--max-total-tokens", "4096", "--skip-server-warmup", "--mem-fraction-static", "0.3"]
     with worker_factory(tiny_checkpoint, tmp_path, args) as worker:
 
         def counts() -> dict:
@@ -181,20 +182,20 @@ def test_real_worker_skips_its_image_processing(tiny_checkpoint, tmp_path, worke
         except urllib.error.HTTPError as e:
             pytest.fail(f"worker refused the hand-off: HTTP {e.code}: {e.read()[:2000]!r}")
         assert out["meta_info"]["prompt_tokens"] == len(p["input_ids"])
+        # The worker counted exactly our placeholders as image tokens (its vision tower ran on our pixels).
+        assert out["meta_info"]["image_tokens"] == sum(t * h * w for t, h, w in p["image_grid_thw"]) // 4
+        assert out["meta_info"]["completion_tokens"] == 4
         after_handoff = counts()
         assert after_handoff.get("mm_handoff_items", 0) >= 1, after_handoff
         assert after_handoff.get("hf_image_processor_ran", 0) == 0, after_handoff
 
         # Control: the same prompt with a raw image makes the worker run the HF processor.
+        # SGLang expands a bare image token itself, so collapse each start + N image + end run to one.
         tid = image_token_id(tiny_checkpoint)
-        ids = [t for t in p["input_ids"] if t != tid]  # one bare image marker per image is enough
-        start = pre.encode("]<]start of image[>[")[0]
-        raw_ids, seen = [], 0
-        for t in ids:
-            raw_ids.append(t)
-            if t == start:
-                raw_ids.append(tid)
-                seen += 1
+        start, end = pre.encode("]<]start of image[>[")[0], pre.encode("]<]end of image[>[")[0]
+        raw_ids = [t for t in p["input_ids"] if t not in (tid, end)]
+        raw_ids = [tid if t == start else t for t in raw_ids]
+        seen = raw_ids.count(tid)
         first = "data:image/png;base64," + base64.b64encode(IMAGES[0]).decode()
         second = "data:image/png;base64," + base64.b64encode(IMAGES[1]).decode()
         worker.generate(input_ids=raw_ids, image_data=[first, second][:seen], sampling_params={"max_new_tokens": 2})

@@ -71,7 +71,8 @@ impl Default for PreprocessConfig {
             cache_max_tokens: 4_000_000,
             max_prompt_tokens: None,
             fetch: FetchConfig::default(),
-            wire_dtype: WireDtype::Float32,
+            // SGLang's M3 vision tower only takes bf16 pixel_values (the worker would cast anyway).
+            wire_dtype: WireDtype::BFloat16,
             resize_policy: None,
         }
     }
