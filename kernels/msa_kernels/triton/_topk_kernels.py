@@ -174,14 +174,17 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
 
 # Candidate keys per merge warp. The 15 selection passes are latency-bound max-reductions: inside one warp
 # they are shuffles only, across warps each pass adds shared-memory round trips and barriers (a 4-row,
-# 8-warp program took ~10 us for 470 candidates a row on an H100). So: a warp per row (or per few rows).
+# 8-warp program took ~10 us for 470 candidates a row on an H100). So: one warp per row. Several rows per
+# warp serialize their reductions in one instruction stream: measured on an H100 (graph replay), 16 rows
+# of 64 keys in one warp took 30 us (decode B=1..32 at 8k), 2 rows of 512 keys 7.6 us, 4 of 256 10.6 us.
 MERGE_KEYS_PER_WARP = 1024
+MERGE_ROWS_PER_PROGRAM = 1
 
 
 def launch_merge(work, plan, out):
     n_rows = plan.num_tokens * work.heads
     lp = triton.next_power_of_2(work.n_chunks * work.keep)
-    rb = max(1, min(16, MERGE_KEYS_PER_WARP // lp))
+    rb = max(1, min(MERGE_ROWS_PER_PROGRAM, MERGE_KEYS_PER_WARP // lp))
     warps = max(1, min(8, rb * lp // MERGE_KEYS_PER_WARP))
     _merge_kernel[(triton.cdiv(n_rows, rb),)](
         work.candidates, plan.q_pos, out,

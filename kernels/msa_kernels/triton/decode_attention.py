@@ -144,8 +144,12 @@ def decode_config(pairs: int, topk: int) -> tuple[int, int]:
     chunk = BLOCK_SIZE if pairs < 64 else 64  # half pages: fewer registers (ptxas), 7% faster at batch 32
     if pairs >= 512:
         nsplit = 1
-    elif pairs >= 64:
+    elif pairs >= 256:
         nsplit = 2
+    elif pairs >= 64:
+        # Round 2 (H100, graph replay, batch 32 x 60k): 4 splits vs 2: fp8 K/V 39.4 vs 47.1 us, bf16
+        # 55.3 vs 55.3 and 56.8 vs 63.1 us (two input sets); 1 split 71 us.
+        nsplit = 4
     elif pairs >= 32:
         nsplit = 4
     else:

@@ -148,9 +148,9 @@ def _extend_kernel(
     acc = tl.zeros([M, D], tl.float32)
     k_base = k_ptr + kvh * stride_kh + cols[None, :]
     v_base = v_ptr + kvh * stride_vh + cols[None, :]
-    # Each block is walked in KSUB-key steps. 128 (default) is what was timed on the H100; ptxas reports it
-    # at 255 registers with ~450 B of spills per thread at M = 128 / 8 warps, KSUB = 64 (env
-    # MSA_EXTEND_KSUB) at ~80 B and 64 KB instead of 96 KB of shared memory, untimed so far.
+    # Each block is walked in KSUB-key steps: 64 for the 128-row union pass (4 warps; 21% faster than 128
+    # keys / 8 warps on an H100, see _launch), 128 for the 16-row query-major wide pass. ptxas reports
+    # 255 registers either way (spills: ~450 B per thread at KSUB 128 / 8 warps, ~80 B at 64 / 8 warps).
     nk = tl.arange(0, KSUB)
     SPB: tl.constexpr = BLOCK // KSUB  # steps per block
     for it in range(0, n_full * SPB):
@@ -268,8 +268,15 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     pages = torch.empty_like(union)
     wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device)
     gate_wide, gate_tile_of = gate if gate is not None else (wide, tile_of)
-    num_warps = int(os.environ.get("MSA_EXTEND_WARPS", 8 if rows >= 128 else 4))
-    num_stages = int(os.environ.get("MSA_EXTEND_STAGES", 2))
+    knob = "WIDE_" if gate is not None else ""  # the gated (wide) pass has its own knobs
+    # Measured on an H100 (round 2, 2,048 queries on a 60k prefix, high-overlap selections, union pass):
+    # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us; the query-major wide
+    # pass (M = 16) was best at its old setting (KSUB 128, 4 warps: 1.36 ms; 2 warps 1.37, 8 warps 1.60,
+    # KSUB 32 1.78 ms on random selections).
+    union_pass = gate is None and rows >= 128
+    num_warps = int(os.environ.get(f"MSA_EXTEND_{knob}WARPS", 4))
+    num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", 2)))
+    ksub = int(os.environ.get(f"MSA_EXTEND_{knob}KSUB", os.environ.get("MSA_EXTEND_KSUB", 64 if union_pass else 128)))
     _extend_kernel[(n_tiles, hkv)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
         union, bits, pages, wide, gate_wide, gate_tile_of, out,
@@ -277,7 +284,7 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
-        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=int(os.environ.get("MSA_EXTEND_KSUB", 128)),
+        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub,
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of
