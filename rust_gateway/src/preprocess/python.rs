@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::handoff::{f32_le_bytes, pixel_bytes, WireDtype};
 use super::images::decode::decode_rgb;
 use super::images::fetch::{FetchConfig, Fetcher};
-use super::images::{resize, smart_resize as smart_resize_rs, ImageConfig, ImageProcessor, ResizePolicy};
+use super::images::{patchify, resize, smart_resize as smart_resize_rs, ImageConfig, ImageProcessor, ResizePolicy};
 use super::{PreparedPrompt, PreprocessConfig, PreprocessError, Preprocessor};
 use crate::parsers::{OutputParser, ParsedDelta};
 
@@ -212,12 +212,24 @@ fn preprocess_image<'py>(py: Python<'py>, data: &[u8], config_json: Option<&str>
         }
     }
     let processor = ImageProcessor::new(cfg);
-    let out =
-        py.allow_threads(|| processor.process_bytes(data)).map_err(|m| PyValueError::new_err(format!("400: {m}")))?;
-    let rows = out.num_patches();
-    let cols = out.pixel_values.len() / rows.max(1);
-    let bytes = f32_le_bytes(&out.pixel_values);
-    Ok((PyBytes::new(py, &bytes), (rows, cols), (out.grid_thw[0], out.grid_thw[1], out.grid_thw[2])))
+    let (rgb, h, w) =
+        py.allow_threads(|| processor.decode_resize(data)).map_err(|m| PyValueError::new_err(format!("400: {m}")))?;
+    // Normalize + patchify straight into the Python bytes object: no second 10 MB buffer and copy.
+    let geometry = processor.geometry();
+    let n = patchify::patchified_len(w, h, geometry);
+    let mut grid = [0u32; 3];
+    let bytes = PyBytes::new_with(py, n * 4, |buf| {
+        match bytemuck::try_cast_slice_mut::<u8, f32>(buf) {
+            Ok(floats) if cfg!(target_endian = "little") => grid = processor.patchify_to(&rgb, h, w, floats),
+            _ => {
+                let mut floats = vec![0f32; n];
+                grid = processor.patchify_to(&rgb, h, w, &mut floats);
+                buf.copy_from_slice(&f32_le_bytes(&floats));
+            }
+        }
+        Ok(())
+    })?;
+    Ok((bytes, (n / geometry.row_len(), geometry.row_len()), (grid[0], grid[1], grid[2])))
 }
 
 /// `decode_image(data) -> (rgb8 bytes, width, height)`.

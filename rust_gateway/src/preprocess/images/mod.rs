@@ -234,6 +234,31 @@ impl ImageProcessor {
         self.process_rgb(&img)
     }
 
+    /// Decode and resize only: (resized RGB8, height, width) — for callers that patchify into their
+    /// own buffer with [`Self::patchify_to`].
+    pub fn decode_resize(&self, bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
+        let img = decode_rgb(bytes, &self.config.limits)?;
+        let (th, tw) = self.config.target_size(img.height, img.width)?;
+        if (th, tw) == (img.height, img.width) {
+            return Ok((img.data, th, tw));
+        }
+        Ok((resize::resize_rgb8(&img.data, img.width, img.height, tw, th), th, tw))
+    }
+
+    pub fn geometry(&self) -> PatchGeometry {
+        PatchGeometry {
+            patch: self.config.patch_size,
+            merge: self.config.merge_size,
+            temporal: self.config.temporal_patch_size,
+        }
+    }
+
+    /// Normalize + patchify a resized image into `out` (exactly `patchify::patchified_len` floats).
+    pub fn patchify_to(&self, rgb: &[u8], h: usize, w: usize, out: &mut [f32]) -> [u32; 3] {
+        let (gh, gw) = patchify::patchify_slice(rgb, w, h, self.geometry(), &self.table, out);
+        [1, gh as u32, gw as u32]
+    }
+
     /// Preprocess an already decoded RGB8 image.
     pub fn process_rgb(&self, img: &RgbImage) -> Result<ProcessedImage, String> {
         let (th, tw) = self.config.target_size(img.height, img.width)?;

@@ -56,13 +56,37 @@ pub fn patchify_into(
     table: &NormalizeTable,
     out: &mut Vec<f32>,
 ) -> (usize, usize) {
+    let n = (h / g.patch) * (w / g.patch) * g.row_len();
+    let base = out.len();
+    if base == 0 {
+        // Fresh zeroed pages straight from the allocator (calloc): no separate zero-fill pass.
+        *out = vec![0.0; n];
+    } else {
+        out.resize(base + n, 0.0);
+    }
+    patchify_slice(rgb, w, h, g, table, &mut out[base..])
+}
+
+/// Number of floats `patchify_slice` writes for a `w` x `h` image.
+pub fn patchified_len(w: usize, h: usize, g: PatchGeometry) -> usize {
+    (h / g.patch) * (w / g.patch) * g.row_len()
+}
+
+/// Patchify into a caller-provided slice of exactly [`patchified_len`] floats.
+pub fn patchify_slice(
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    g: PatchGeometry,
+    table: &NormalizeTable,
+    out: &mut [f32],
+) -> (usize, usize) {
     let (p, m, t) = (g.patch, g.merge, g.temporal);
     assert!(w.is_multiple_of(p * m) && h.is_multiple_of(p * m), "image {w}x{h} is not a multiple of {}", p * m);
     let (gh, gw) = (h / p, w / p);
     let row_len = g.row_len();
-    let base = out.len();
-    out.resize(base + gh * gw * row_len, 0.0);
-    let mut dst = &mut out[base..];
+    assert_eq!(out.len(), gh * gw * row_len, "output slice does not fit the patch grid");
+    let mut dst = out;
     let stride = w * 3;
     for bh in 0..gh / m {
         for bw in 0..gw / m {
