@@ -231,3 +231,11 @@ def test_completion_prompt(hf, pre):
     assert pre.prepare_completion(json.dumps({"prompt": [5, 6, 7]}))["input_ids"] == [5, 6, 7]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         pre.prepare_completion(json.dumps({"prompt": [10**9]}))
+
+
+def test_prompt_longer_than_the_context_is_a_client_error(tiny_checkpoint):
+    pre = g.Preprocessor(str(tiny_checkpoint), json.dumps({"max_prompt_tokens": 10}))
+    with pytest.raises(ValueError, match=r"^400: the prompt has \d+ tokens, more than the limit of 10$"):
+        pre.prepare_chat(json.dumps({"messages": [{"role": "user", "content": "a long enough question"}]}))
+    with pytest.raises(ValueError, match="more than the limit of 10"):
+        pre.prepare_completion(json.dumps({"prompt": list(range(11))}))
