@@ -138,8 +138,9 @@ def decode_config(pairs: int, topk: int) -> tuple[int, int]:
 
     Measured on an H100 (graph replay, 60k context, random pages): whole-page units up to 32 pairs, half
     pages beyond; about 8 splits per pair at 1-8 pairs (fewer programs lose to latency, more lose to the
-    merge), 4 at 32 pairs, 2 from 64 pairs up (batch 32 x 4 KV heads: 2 splits beat 4 by ~15%), none from
-    512 pairs up, where the grid is full without splitting. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
+    merge), 4 at 32-255 pairs (round 2, batch 32 x 4 KV heads: fp8 K/V 39.4 us with 4 splits vs 47.1 with
+    2, bf16 equal or better; an older loop had favoured 2), 2 at 256-511, none from 512 pairs up, where the
+    grid is full without splitting. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
     """
     chunk = BLOCK_SIZE if pairs < 64 else 64  # half pages: fewer registers (ptxas), 7% faster at batch 32
     if pairs >= 512:

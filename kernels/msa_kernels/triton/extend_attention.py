@@ -28,6 +28,9 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
 - high overlap (union 16 per tile): 478 us = 287 TFLOP/s useful at batch 1 (upstream 1,623 us: 3.4x);
   batch 8: 3.31 ms = 332 TFLOP/s (upstream 12.9 ms: 3.9x); fp8 K/V 652 us; prefill of 16k: 330 TFLOP/s.
   Per-GPU splits fill the chip less (2,048 / 8 x 1 KV head = 256 programs): 16/1 heads 229 us, 8/1 179 us.
+- round 2 (full benchmark, same card type): high overlap 555 us at batch 1 (240 TFLOP/s, layer 4.03x
+  upstream), 3.51 ms at batch 8 (303 TFLOP/s); random 1.48 ms / 9.65 ms (90-110 TFLOP/s, the query-major
+  wide pass at the L2 ceiling: ~1 MiB of K/V per query and KV head).
 - random selections (union ~108 per tile): union walk alone 2.60 ms (53 TFLOP/s), KV-major pass alone
   2.90 ms: both slower than upstream's 1.62 ms there; the default query-major wide pass was not timed yet.
   The 400 TFLOP/s target is met by neither extreme; what limits the high-overlap case is the short walk per
