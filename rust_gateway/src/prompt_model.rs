@@ -28,6 +28,22 @@ impl From<PreprocessError> for ApiError {
 pub struct ModelPromptBuilder {
     pre: Preprocessor,
     image_token: Option<u32>,
+    hidden_output_tokens: std::sync::Arc<[String]>,
+}
+
+/// The tokenizer's special tokens that must not appear in a reply: every special added token except
+/// the reasoning and tool-call markers the output parser consumes.
+fn hidden_output_tokens(tokenizer: &tokenizers::Tokenizer) -> std::sync::Arc<[String]> {
+    use crate::parsers::{reasoning, xml_args};
+    let keep = [reasoning::THINK_START, reasoning::THINK_END, xml_args::NS];
+    let mut hidden: Vec<String> = tokenizer
+        .get_added_tokens_decoder()
+        .values()
+        .filter(|t| t.special && !keep.contains(&t.content.as_str()))
+        .map(|t| t.content.clone())
+        .collect();
+    hidden.sort();
+    hidden.into()
 }
 
 impl ModelPromptBuilder {
@@ -41,7 +57,8 @@ impl ModelPromptBuilder {
         let pre =
             Preprocessor::load_with_config(dir, pc).map_err(|e| format!("cannot load the checkpoint at {dir}: {e}"))?;
         let image_token = pre.cached_tokenizer().token_id(IMAGE_TOKEN);
-        Ok(Self { pre, image_token })
+        let hidden_output_tokens = hidden_output_tokens(pre.tokenizer());
+        Ok(Self { pre, image_token, hidden_output_tokens })
     }
 
     fn to_prompt(&self, p: PreparedPrompt) -> Prompt {
@@ -54,6 +71,7 @@ impl ModelPromptBuilder {
             input_ids: p.input_ids,
             worker_fields,
             reasoning_prefilled: p.reasoning_prefilled,
+            hidden_output_tokens: self.hidden_output_tokens.clone(),
         }
     }
 

@@ -655,3 +655,21 @@ def test_busy_worker_whose_health_check_times_out_stays_in_routing(fake_workers,
     slow.join(10)
     # Idle and still not answering in time: now it is a failed check, and the worker leaves routing.
     assert wait_until(lambda: httpx.get(gw.url + "/health", timeout=5).status_code == 503, 10)
+
+
+def test_special_tokens_in_a_reply_never_reach_the_client(fake_workers, start_gateway, tiny_checkpoint):
+    """The worker keeps special tokens for the parsers; turn ends, role markers and image placeholders
+    must still be cut, or the next turn's history would carry an image placeholder without an image."""
+    (w,) = fake_workers(1)
+    w.configure(reply="Hi]<]image[>[ there.[e~[", piece_chars=3)
+    gw = start_gateway([w.url], model_mode="model", model_path=str(tiny_checkpoint))
+    c = client(gw)
+    messages = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model=MODEL, messages=messages)
+    assert r.choices[0].message.content == "Hi there."
+    stream = c.chat.completions.create(model=MODEL, messages=messages, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == "Hi there."
+    # The reply, sent back as history, is a valid next turn (no stray placeholder).
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
+    assert c.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content == "Hi there."

@@ -67,6 +67,11 @@ pub struct OutputParser {
     tools: Option<ToolCallStream>,
     tools_value: Option<Value>,
     call_id_prefix: String,
+    /// Special-token texts that must never reach the client (role markers, turn end, image
+    /// placeholders...): the worker keeps special tokens for the parsers' sake, so the rest are cut here.
+    hidden: std::sync::Arc<[String]>,
+    /// Tail of the text that may be the start of a hidden token split across deltas.
+    pending: String,
 }
 
 impl OutputParser {
@@ -80,7 +85,44 @@ impl OutputParser {
             tools: Some(ToolCallStream::new(tools)),
             tools_value: tools.cloned(),
             call_id_prefix: new_call_id_prefix(),
+            hidden: std::sync::Arc::from(Vec::new()),
+            pending: String::new(),
         }
+    }
+
+    /// Texts of special tokens to drop from the reply. A token split across deltas is held back
+    /// until it is complete (or proves not to be one).
+    pub fn with_hidden_tokens(mut self, hidden: std::sync::Arc<[String]>) -> Self {
+        self.hidden = hidden;
+        self
+    }
+
+    /// Append `delta`, cut complete hidden tokens, and return what can be released now.
+    fn strip_hidden(&mut self, delta: &str, at_end: bool) -> String {
+        if self.hidden.is_empty() {
+            return std::mem::take(&mut self.pending) + delta;
+        }
+        self.pending.push_str(delta);
+        for token in self.hidden.iter().filter(|t| !t.is_empty()) {
+            if self.pending.contains(token.as_str()) {
+                self.pending = self.pending.replace(token.as_str(), "");
+            }
+        }
+        if at_end {
+            return std::mem::take(&mut self.pending);
+        }
+        // Hold back the longest tail that is a proper prefix of some hidden token.
+        let hold = self
+            .pending
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.pending[i..];
+                self.hidden.iter().any(|t| t.len() > tail.len() && t.starts_with(tail))
+            })
+            .unwrap_or(self.pending.len());
+        let rest = self.pending.split_off(hold);
+        std::mem::replace(&mut self.pending, rest)
     }
 
     /// The prompt ended with `<mm:think>` (see `PreparedPrompt::reasoning_prefilled`), so the reply
@@ -98,13 +140,16 @@ impl OutputParser {
 
     /// Feed the next piece of generated text; returns what is certain so far.
     pub fn push(&mut self, delta: &str) -> Vec<ParsedDelta> {
-        let sections = self.reasoning.push(delta);
+        let delta = self.strip_hidden(delta, false);
+        let sections = self.reasoning.push(&delta);
         self.route(sections, false)
     }
 
     /// End of the reply: releases held-back text and closes a call cut off mid-way.
     pub fn finish(&mut self) -> Vec<ParsedDelta> {
-        let sections = self.reasoning.finish();
+        let tail = self.strip_hidden("", true);
+        let mut sections = self.reasoning.push(&tail);
+        sections.extend(self.reasoning.finish());
         self.route(sections, true)
     }
 
@@ -189,6 +234,19 @@ mod tests {
     use super::*;
     use serde_json::json;
     use xml_args::NS;
+
+    #[test]
+    fn hidden_special_tokens_never_reach_the_client() {
+        let hidden: std::sync::Arc<[String]> = vec!["]<]image[>[".to_string(), "[e~[".to_string()].into();
+        let mut p = OutputParser::new(None, true).with_hidden_tokens(hidden);
+        let mut deltas = p.push("a]<]image[>[");
+        deltas.extend(p.push("b]<]im"));
+        deltas.extend(p.push("age[>[c[e"));
+        deltas.extend(p.push("~["));
+        deltas.extend(p.push("[x"));
+        deltas.extend(p.finish());
+        assert_eq!(collect_message(deltas).content, "abc[x");
+    }
 
     fn reply() -> String {
         format!(

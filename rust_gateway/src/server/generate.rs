@@ -228,6 +228,7 @@ fn new_parser(job: &Job) -> Option<OutputParser> {
         let tools = if job.params.parse_tool_calls { job.params.tools.as_ref() } else { None };
         OutputParser::new(tools, job.params.separate_reasoning)
             .with_prefilled_reasoning(job.prompt.reasoning_prefilled)
+            .with_hidden_tokens(job.prompt.hidden_output_tokens.clone())
             .with_tool_calls(job.params.parse_tool_calls)
     })
 }
