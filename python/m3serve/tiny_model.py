@@ -194,6 +194,15 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
+    write_model_files(out, config, tokenizer, token_ids)
+    (out / "m3serve_tiny.json").write_text(json.dumps({"seed": seed, "sizes": asdict(tiny)}, indent=2) + "\n")
+    return out
+
+
+def write_model_files(out: Path, config: dict, tokenizer, token_ids: dict[str, int]) -> None:
+    """Everything of a checkpoint but its weights: config, generation config, tokenizer, chat template,
+    image-processor config. Shared by the tiny model and the GPU benchmark's weightless scaled model."""
+    max_len = config["text_config"]["max_position_embeddings"]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": token_ids["bos"], "eos_token_id": token_ids["eos"], "do_sample": False}, indent=2) + "\n")
@@ -205,7 +214,7 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
         "pad_token": SPECIAL_TOKENS["pad"],
         "add_bos_token": False,
         "add_eos_token": False,
-        "model_max_length": tiny.max_position_embeddings,
+        "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -225,8 +234,6 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
         "temporal_patch_size": 2,
         "merge_size": 2,
     }, indent=2) + "\n")
-    (out / "m3serve_tiny.json").write_text(json.dumps({"seed": seed, "sizes": asdict(tiny)}, indent=2) + "\n")
-    return out
 
 
 def main(argv: list[str]) -> int:

@@ -72,36 +72,13 @@ def slice_config(sizes: dict[str, int], variant: str = "sparse") -> tuple[dict, 
 
 def write_slice_model(out_dir: str | Path, variant: str = "sparse", sizes: dict[str, int] | None = None) -> Path:
     """Write config + tokenizer files (no weights) of the scaled model into `out_dir`; return it."""
-    from m3serve.chat_template import CHAT_TEMPLATE
-    from m3serve.tiny_model import CLIP_MEAN, CLIP_STD
-    from m3serve.tokenizer_files import SPECIAL_TOKENS
+    from m3serve.tiny_model import write_model_files
 
     sizes = dict(SLICE_SIZES if sizes is None else sizes)
     config, tokenizer, token_ids = slice_config(sizes, variant)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": token_ids["bos"], "eos_token_id": token_ids["eos"], "do_sample": False}, indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKENS["bos"],
-        "eos_token": SPECIAL_TOKENS["eos"],
-        "pad_token": SPECIAL_TOKENS["pad"],
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "model_max_length": config["text_config"]["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "MiniMaxM3VLImageProcessor",
-        "processor_class": "MiniMaxM3VLProcessor",
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-        "rescale_factor": 1 / 255, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
-        "min_pixels": 3136, "max_pixels": 451584, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    }, indent=2) + "\n")
+    write_model_files(out, config, tokenizer, token_ids)
     (out / "m3serve_slice.json").write_text(json.dumps(
         {"model": "m3-slice", "variant": variant, "weights": "none (serve with --load-format dummy)",
          "sizes": sizes, "param_estimate": param_estimate(sizes)}, indent=2) + "\n")
