@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter_child import interpreter_report as run_interpreter_child
 
 # name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge)
 CASES = {
@@ -54,17 +54,7 @@ def _run_case(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def interpreter_report() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    report = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            report[row["name"]] = row
-    if not report:
-        pytest.fail(f"interpreter child produced no report:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return report
+    return run_interpreter_child(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
