@@ -154,6 +154,38 @@ def case_graph_refresh():
     return results
 
 
+def case_graph_decode_device_items():
+    # A decode graph plan: static buffers updated by device copies, items computed in the kernel from the
+    # lengths. Lengths of 1 token, exactly one block, exactly 16 blocks, 16 blocks + 1 token, off-grid, the
+    # longest the plan holds, and one request of few blocks beside long ones; chunks forced small.
+    import torch
+
+    from msa_kernels import graph_decode_plan, update_graph_decode_plan
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
+
+    heads, width = 4, 30
+    results = []
+    for seqs in ([1, 128, 2048, 2049, 3001, width * 128], [700, 129, 3333, 2, 1900, 130]):
+        batch = len(seqs)
+        num_pages = batch * width + 5
+        kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
+        gp = graph_decode_plan(batch, width, "cpu")
+        work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=24)
+        assert work.grid_items and work.n_chunks > 1, (work.n_chunks, work.chunk_blocks)
+        used = max(-(-s // 128) for s in seqs)
+        pt = torch.randperm(num_pages)[: batch * used].view(batch, used).to(torch.int32)
+        update_graph_decode_plan(gp, pt, torch.tensor(seqs))
+        q = torch.randn(batch, heads, 128).to(torch.float16)
+        work.candidates.fill_(2**62 + 12345)
+        out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
+        index_topk(gp, q, kc, out=out)
+        assert not bool((out == POISON).any())
+        results.append(check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out))
+    return results
+
+
 def case_bad_inputs():
     import torch
 

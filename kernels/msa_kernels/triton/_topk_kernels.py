@@ -72,11 +72,12 @@ def _score_kernel(
     q_pos_ptr,
     items_ptr, n_items_ptr, rows_ptr,
     cand_ptr, n_chunks,
-    out_ptr,
+    out_ptr, chunk_blocks,
     H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
+    GRID_ITEMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -86,15 +87,25 @@ def _score_kernel(
     kcol = tl.arange(0, KS)
     tok = tl.arange(0, PAGE)
     for item in range(pid, n_items, nprog):
-        base = items_ptr + item * 6
-        b_ref = tl.load(base)
-        j0 = tl.load(base + 1)
-        j1 = tl.load(base + 2)
-        row_off = tl.load(base + 3)
-        n_rows = tl.load(base + 4)
-        chunk = tl.load(base + 5)
-        row_ok = r < n_rows
-        row = tl.load(rows_ptr + row_off + r, mask=row_ok, other=0)
+        if GRID_ITEMS:
+            # Decode in a CUDA graph: item = request * n_chunks + chunk, its range from the request's
+            # position on the device (no host-built list; chunks past the history are empty).
+            b_ref = item // n_chunks
+            chunk = item % n_chunks
+            j0 = chunk * chunk_blocks
+            j1 = tl.maximum(tl.minimum(j0 + chunk_blocks, tl.load(q_pos_ptr + b_ref) // PAGE), j0)
+            row_ok = r < H
+            row = b_ref * H + r
+        else:
+            base = items_ptr + item * 6
+            b_ref = tl.load(base)
+            j0 = tl.load(base + 1)
+            j1 = tl.load(base + 2)
+            row_off = tl.load(base + 3)
+            n_rows = tl.load(base + 4)
+            chunk = tl.load(base + 5)
+            row_ok = r < n_rows
+            row = tl.load(rows_ptr + row_off + r, mask=row_ok, other=0)
         t = row // H
         h = row % H
         local = tl.load(q_pos_ptr + t, mask=row_ok, other=0) // PAGE
@@ -163,11 +174,12 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         plan.q_pos,
         work.items, work.n_items, work.rows,
         cand, max(1, work.n_chunks),
-        out,
+        out, work.chunk_blocks,
         H=work.heads, D=q_idx.shape[2], PAGE=128,
         BLOCK_M=work.block_m, KS=work.keep,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
+        GRID_ITEMS=work.grid_items,
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -48,6 +48,7 @@ class TopkWork:
     grid: int  # persistent programs of the scoring kernel
     heads: int
     candidates: torch.Tensor | None = None  # int64 [T*H, C, KS] per-chunk (score, block) keys (split runs)
+    grid_items: bool = False  # decode graph mode: items are (request, chunk) computed in the kernel
 
 
 def _pow2(n: int) -> int:
@@ -249,3 +250,39 @@ def _refill(like: TopkWork, items, rows, block_m, total_rows, heads) -> TopkWork
     like.n_items.fill_(n_items)
     like.n_items_host = n_items
     return like
+
+
+def build_graph_decode_work(
+    batch: int, heads: int, max_blocks: int, topk: int, device: torch.device, sm_count: int,
+    target_items: int | None = None,
+) -> TopkWork:
+    """The work of a decode CUDA graph: `batch` requests of up to `max_blocks` blocks, items computed on
+    the device from each request's position (request b, chunk c -> blocks [c*CB, min((c+1)*CB, local))),
+    so that a replay needs no host work at all. Chunks are sized to fill the GPU at half the longest
+    context. Compared with the host-built list, shared-prefix pages are read once per request, not once
+    per batch (no packing: that needs the page table on the host)."""
+    if batch < 1 or heads < 1 or max_blocks < 1:
+        raise MSAInputError(f"graph decode work needs batch, heads, max_blocks >= 1, got {batch}, {heads}, "
+                            f"{max_blocks}")
+    if heads > MAX_SHARED_ROWS:
+        raise MSAInputError(f"{heads} index heads exceed the decode tile ({MAX_SHARED_ROWS} rows)")
+    target = target_items if target_items is not None else ITEMS_PER_SM * sm_count
+    chunk_blocks = _pow2(max(1, -(-batch * max(1, max_blocks // 2) // target)))
+    n_chunks = -(-max_blocks // chunk_blocks)
+    n_items = batch * n_chunks
+    return TopkWork(
+        items=torch.zeros(1, 6, dtype=torch.int32, device=device),
+        rows=torch.zeros(1, dtype=torch.int32, device=device),
+        n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
+        n_items_host=n_items,
+        block_m=max(16, _pow2(heads)),
+        chunk_blocks=chunk_blocks,
+        n_chunks=n_chunks,
+        keep=min(_pow2(max(1, topk - 1)), _pow2(chunk_blocks)),
+        final=False,
+        grid=max(1, min(n_items, 4 * sm_count)),
+        heads=heads,
+        candidates=torch.empty(batch * heads, n_chunks, min(_pow2(max(1, topk - 1)), _pow2(chunk_blocks)),
+                               dtype=torch.int64, device=device),
+        grid_items=True,
+    )

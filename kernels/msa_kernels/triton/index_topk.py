@@ -19,7 +19,7 @@ import torch
 from ..layout import BLOCK_SIZE, MSAInputError, check_cache
 from ..plan import MSAPlan
 from ._topk_kernels import launch_merge, launch_score
-from ._topk_worklist import TopkWork, build_topk_work
+from ._topk_worklist import TopkWork, build_graph_decode_work, build_topk_work
 
 _EXTRAS_KEY = "triton_index_topk"
 # Software-pipelining depth of the key-block loads in the scoring kernel. Decode items (16-64 rows, 4 warps)
@@ -54,6 +54,19 @@ def prepare_index_topk(
     if key not in cache:
         cache[key] = build_topk_work(plan, heads, num_pages, device, _sm_count(device), target_items,
                                      for_graph=for_graph)
+    return cache[key]
+
+
+def prepare_graph_decode_topk(
+    plan: MSAPlan, heads: int, num_pages: int, device: torch.device | None = None, target_items: int | None = None,
+) -> TopkWork:
+    """Give a decode graph plan (msa_kernels.graph.graph_decode_plan) its device-computed work list: the
+    captured top-k then follows whatever lengths `update_graph_decode_plan` writes, with no host step."""
+    device = plan.page_table.device if device is None else device
+    cache = plan.extras.setdefault(_EXTRAS_KEY, {})
+    key = (heads, num_pages, str(device))
+    cache[key] = build_graph_decode_work(plan.batch_size, heads, plan.page_table.shape[1], plan.topk, device,
+                                         _sm_count(device), target_items)
     return cache[key]
 
 

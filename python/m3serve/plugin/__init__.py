@@ -3,7 +3,8 @@
 Active when the portable platform is selected (SGLANG_PLATFORM=m3serve_portable) or when
 M3SERVE_M3_PLUGIN=1 (the m3serve worker sets it); inert otherwise, so installing m3serve changes nothing
 for other SGLang deployments. When active it registers, through SGLang's HookRegistry:
-  * M3's sparse-attention layers -> msa_kernels (plan once per batch, index top-k + sparse attention);
+  * M3's sparse-attention layers -> msa_kernels (plan once per batch, index top-k + sparse attention;
+    decode also inside CUDA graphs, through a plan refreshed before each replay);
   * the sparse-index KV pool allowed on the portable platform;
   * the SwiGLU-OAI gate/up layout fix in the torch-native MoE;
   * the image hand-off hooks of m3serve.plugin.mm_handoff, when that module exists.
@@ -41,6 +42,7 @@ def hooks():
         (sparse_attention.INIT_TARGET, sparse_attention.check_backend, "AFTER"),
         (sparse_attention.EXTEND_TARGET, sparse_attention.sparse_forward_extend, "REPLACE"),
         (sparse_attention.DECODE_TARGET, sparse_attention.sparse_forward_decode, "REPLACE"),
+        (sparse_attention.OUT_GRAPH_TARGET, sparse_attention.prepare_decode_graph, "AFTER"),
     ]
 
 

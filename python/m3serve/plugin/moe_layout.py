@@ -6,11 +6,16 @@ ignoring `MoeRunnerConfig.gate_up_interleaved`. M3 loads w13 as [gate; up] halve
 (gate_up_interleaved=False; only the CUDA path re-interleaves), so the activation mixes gate and up
 channels: no error, just logprobs off by up to ~2 against transformers.
 
-For configs with gemm1_alpha set and halves layout we run our own expert loop with the halves-layout
-activation; everything else goes to SGLang's original function unchanged.
+For configs with gemm1_alpha set and halves layout we compute the experts ourselves with the halves-layout
+activation: on CUDA with the grouped Triton kernels of moe_grouped.py (no host sync, so decode can run in
+CUDA graphs) for decode-sized batches and whenever a graph is being captured; otherwise (CPU, long extends,
+expert biases) with an expert loop of dense GEMMs. Everything else goes to SGLang's original function.
+M3SERVE_MOE=loop|grouped|auto (default auto) forces one path, for benchmarks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +74,41 @@ def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg
     return weighted.sum(dim=1).to(x.dtype)
 
 
+# Above this many tokens an eager batch (prefill, extend) takes the loop of cuBLAS GEMMs, which is faster there.
+GROUPED_MAX_TOKENS = 256
+MOE_PATH_ENV = "M3SERVE_MOE"
+
+
+def use_grouped(layer, x: torch.Tensor, cfg) -> bool:
+    """Whether this call goes to the grouped Triton kernels (see the module docstring)."""
+    if not x.is_cuda or getattr(layer, "w13_weight_bias", None) is not None \
+            or getattr(layer, "w2_weight_bias", None) is not None or cfg.apply_router_weight_on_input:
+        return False
+    mode = os.environ.get(MOE_PATH_ENV, "auto")
+    if mode not in ("auto", "loop", "grouped"):
+        raise ValueError(f"{MOE_PATH_ENV} must be auto, loop or grouped, got {mode!r}")
+    if torch.cuda.is_current_stream_capturing():
+        if mode == "loop":
+            raise RuntimeError(f"{MOE_PATH_ENV}=loop cannot run inside a CUDA graph: pass --disable-cuda-graph")
+        return True
+    return mode == "grouped" or (mode == "auto" and x.shape[0] <= GROUPED_MAX_TOKENS)
+
+
+def moe_grouped_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg) -> torch.Tensor:
+    from .moe_grouped import grouped_moe_swiglu_oai
+
+    if cfg.gemm1_clamp_limit is None:
+        raise NotImplementedError("m3serve MoE: SwiGLU-OAI needs gemm1_clamp_limit (swiglu_limit)")
+    topk_weights, topk_ids, _ = topk_output
+    return grouped_moe_swiglu_oai(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                                  cfg.gemm1_alpha, cfg.gemm1_clamp_limit)
+
+
 def fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
     if args or kwargs or not needs_halves_fix(moe_runner_config):
         return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    if use_grouped(layer, x, moe_runner_config):
+        marker.record("moe_grouped", "M3 MoE: grouped Triton kernels (SwiGLU-OAI over halves, graph-safe)")
+        return moe_grouped_forward(layer, x, topk_output, moe_runner_config)
     marker.record("moe_halves_fix", "M3 MoE: SwiGLU-OAI applied over [gate; up] halves (upstream layout fix)")
     return moe_halves_forward(layer, x, topk_output, moe_runner_config)

@@ -8,6 +8,14 @@ backend keep SGLang's own backend). Per sparse layer:
     o = msa_kernels.ops.sparse_attention(plan, q, k_cache, v_cache, selected, scale)
 msa_kernels runs its Triton kernels on CUDA tensors and its PyTorch references elsewhere.
 
+Decode in CUDA graphs: before capturing a batch size SGLang calls the backend's
+`init_forward_metadata_out_graph(view, in_capture=True)`, whose `seq_lens` is the graph runner's static
+buffer; an AFTER hook notes that buffer. Decode forwards on it (warm-ups, capture) run on a graph plan of
+static buffers (msa_kernels.graph) sized for the pool's longest context: the first sparse layer of the
+step writes the page table and lengths into it with device ops, inside the graph, and the top-k items
+follow from them in the kernel. A replay therefore needs no host work. Every other batch builds its plan
+on the host as before.
+
 An AFTER hook on the backend's __init__ checks, at start-up, that the checkpoint and server settings
 are ones msa_kernels serves (page 128 = MSA block, no init blocks, one local block, max scoring, K-only
 index layers, no HiSparse / fp8 attention GEMMs / shared top-k), so unsupported setups fail loudly
@@ -15,6 +23,8 @@ instead of computing something else.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,8 +34,10 @@ BACKEND = "sglang.srt.layers.attention.minimax_sparse_backend.MiniMaxSparseAttnB
 INIT_TARGET = f"{BACKEND}.__init__"
 EXTEND_TARGET = f"{BACKEND}.forward_extend"
 DECODE_TARGET = f"{BACKEND}.forward_decode"
+OUT_GRAPH_TARGET = f"{BACKEND}.init_forward_metadata_out_graph"
 
 _PLAN_ATTR = "_m3serve_plan"  # (forward_batch, plan) cached on the backend instance
+_GRAPH_ATTR = "_m3serve_graph_plans"  # batch size -> GraphDecode
 
 
 class UnsupportedSparseSetup(NotImplementedError):
@@ -97,21 +109,84 @@ def batch_plan(backend, forward_batch, num_pages: int):
     else:
         q_lens = [int(n) for n in forward_batch.extend_seq_lens.tolist()]
     width = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE) * msa.BLOCK_SIZE
-    # Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size.
-    rows = backend.req_to_token[forward_batch.req_pool_indices.long()]
-    page_table = rows[:, :width : msa.BLOCK_SIZE] // msa.BLOCK_SIZE
+    page_table = _page_table(backend, forward_batch.req_pool_indices, width)
     plan = msa.plan(page_table, seq_lens, q_lens, num_pages=num_pages, topk=backend.topk_blocks)
     setattr(backend, _PLAN_ATTR, (forward_batch, plan))
     marker.record("plan_built")
     return plan
 
 
+@dataclass
+class GraphDecode:
+    """The graph plan of one captured decode batch size."""
+
+    batch_size: int
+    seq_lens_ptr: int  # address of the graph runner's static seq_lens buffer
+    plan: object = None  # msa_kernels.MSAPlan of static buffers, made by the first forward (a warm-up)
+    first_layer: int | None = None  # the sparse layer that updates the plan at the start of each step
+
+
+def _page_table(backend, req_pool_indices: torch.Tensor, width_tokens: int | None = None) -> torch.Tensor:
+    """Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size."""
+    block = _msa().BLOCK_SIZE
+    rows = backend.req_to_token[req_pool_indices.long()]
+    width = rows.shape[1] if width_tokens is None else width_tokens
+    return rows[:, :width:block] // block
+
+
+def graphs_possible(tensor: torch.Tensor) -> bool:
+    """CUDA graphs exist on CUDA only (a seam: the CPU tests drive the graph flow with interpreted kernels)."""
+    return tensor.is_cuda
+
+
+def graph_decode(backend, forward_batch) -> GraphDecode | None:
+    """The graph plan of this batch when it runs on the graph runner's static buffers, else None."""
+    graphs = getattr(backend, _GRAPH_ATTR, None)
+    if not graphs or not forward_batch.forward_mode.is_decode():
+        return None
+    g = graphs.get(forward_batch.seq_lens.shape[0])
+    return g if g is not None and forward_batch.seq_lens.data_ptr() == g.seq_lens_ptr else None
+
+
+def prepare_decode_graph(result, backend, forward_batch, in_capture: bool = False, *args, **kwargs) -> None:
+    """AFTER hook on init_forward_metadata_out_graph: note the static buffers of a decode graph about to be
+    captured. Replays need nothing here (the captured step updates its own plan)."""
+    mode = forward_batch.forward_mode
+    if not in_capture or not mode.is_decode() or not graphs_possible(forward_batch.seq_lens):
+        return
+    bs = forward_batch.seq_lens.shape[0]
+    if bs == 0:
+        return
+    graphs = backend.__dict__.setdefault(_GRAPH_ATTR, {})
+    graphs[bs] = GraphDecode(bs, forward_batch.seq_lens.data_ptr())
+    marker.record("decode_graph_plan", f"M3 sparse decode: graph plan for batch size {bs} (CUDA graphs on)")
+
+
+def _graph_step_plan(backend, g: GraphDecode, forward_batch, layer, heads: int, num_pages: int, device):
+    """The graph plan, updated on the device by the step's first sparse layer."""
+    msa = _msa()
+    if g.plan is None:  # the first forward of this batch size (a warm-up before capture)
+        from msa_kernels.triton.index_topk import prepare_graph_decode_topk
+
+        width = -(-backend.req_to_token.shape[1] // msa.BLOCK_SIZE)
+        g.plan = msa.graph_decode_plan(g.batch_size, width, device, topk=backend.topk_blocks)
+        prepare_graph_decode_topk(g.plan, heads, num_pages, device)
+        g.first_layer = layer.layer_id
+    if layer.layer_id == g.first_layer:
+        msa.update_graph_decode_plan(g.plan, _page_table(backend, forward_batch.req_pool_indices),
+                                     forward_batch.seq_lens)
+    return g.plan
+
+
 def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, phase: str):
     from msa_kernels import ops
 
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        # The plan is built on the host from this batch's lengths: it cannot live inside a captured graph.
-        raise UnsupportedSparseSetup("M3 sparse layers via msa_kernels run eagerly: pass --disable-cuda-graph")
+    g = graph_decode(backend, forward_batch) if graphs_possible(q) else None
+    if g is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise UnsupportedSparseSetup(
+            "M3 sparse layers: a CUDA graph is being captured without a graph plan (only decode graphs are "
+            "supported; pass --disable-cuda-graph for other graph modes)"
+        )
     if save_kv_cache and not backend._is_sparse_kv_cached_by_fusion(forward_batch, layer.layer_id):
         backend.kv_pool.set_fused_kv_index_buffer(
             layer, forward_batch.out_cache_loc, k, v, idx_k, None,
@@ -119,7 +194,11 @@ def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q
         )
     k_cache, v_cache = backend.kv_pool.get_kv_buffer(layer.layer_id)
     idx_k_cache = backend.kv_pool.get_index_k_buffer(layer.layer_id)
-    plan = batch_plan(backend, forward_batch, num_pages=k_cache.shape[0] // _msa().BLOCK_SIZE)
+    num_pages = k_cache.shape[0] // _msa().BLOCK_SIZE
+    if g is not None:
+        plan = _graph_step_plan(backend, g, forward_batch, layer, idx_q.shape[1], num_pages, q.device)
+    else:
+        plan = batch_plan(backend, forward_batch, num_pages=num_pages)
 
     total = q.shape[0]
     n = plan.num_tokens  # data-parallel attention may pad q past the batch's real tokens
