@@ -8,6 +8,7 @@ setup script on a fake bundle.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -355,3 +356,312 @@ def test_warmup_turns_parsing():
     assert run_e2e.parse_args(["--out", "/tmp/x", "--warmup-turns", "same"]).warmup_turns == "same"
     with pytest.raises(SystemExit):
         run_e2e.parse_args(["--out", "/tmp/x", "--warmup-turns", "0"])
+
+
+# ------------------------------------------------------------------------------------------- graphs, sweep, repeats
+
+@pytest.mark.parametrize("c,bs", [(1, 8), (2, 8), (8, 8), (9, 16), (16, 16), (17, 32)])
+def test_graph_max_bs(c, bs):
+    assert run_e2e.graph_max_bs(c) == bs
+
+
+def test_server_flags_with_and_without_graphs():
+    full = run_e2e.SHAPES["full"]
+    eager = run_e2e.server_flags(full, "cuda")
+    graphs = run_e2e.server_flags(full, "cuda", max_concurrency=16, cuda_graph=True)
+    assert "--disable-cuda-graph" in eager and not any(f.startswith("--cuda-graph") for f in eager)
+    assert "--disable-cuda-graph" not in graphs
+    assert graphs[graphs.index("--cuda-graph-max-bs-decode") + 1] == "16"
+    assert graphs[graphs.index("--cuda-graph-backend-prefill") + 1] == "disabled"  # decode graphs only
+    assert run_e2e.server_flags(full, "cuda", cuda_graph=True)[
+        run_e2e.server_flags(full, "cuda", cuda_graph=True).index("--cuda-graph-max-bs-decode") + 1] == "8"
+    # Everything else the same (the context length holds one request of the shape, whatever the sweep).
+    def strip(flags):
+        out, skip = [], False
+        for f in flags:
+            if skip:
+                skip = False
+            elif f.startswith("--cuda-graph"):
+                skip = True
+            elif f not in ("--disable-cuda-graph", "--max-running-requests"):
+                out.append(f)
+        return out
+    assert strip(eager)[:2] == strip(graphs)[:2]
+    assert eager[eager.index("--context-length") + 1] == graphs[graphs.index("--context-length") + 1]
+
+
+def test_sweep_sizes_pool_and_running_requests_for_the_top_level():
+    quick = run_e2e.SHAPES["quick"]
+    flags = run_e2e.server_flags(quick, "cuda", max_concurrency=64)
+    assert int(flags[flags.index("--max-total-tokens") + 1]) >= run_e2e.replace(quick, concurrency=64).kv_tokens_needed()
+    assert int(flags[flags.index("--max-running-requests") + 1]) >= 64
+    base = run_e2e.server_flags(quick, "cuda")
+    assert base[base.index("--max-total-tokens") + 1] == str(quick.max_total_tokens)  # unchanged without a sweep
+    assert base[base.index("--context-length") + 1] == flags[flags.index("--context-length") + 1]
+
+
+def test_sglang_accepts_the_graph_flags():
+    pytest.importorskip("sglang")
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    flags = run_e2e.server_flags(run_e2e.SHAPES["full"], "cuda", max_concurrency=16, cuda_graph=True)
+    ns = parser.parse_args(["--model-path", "m", *flags])
+    assert ns.cuda_graph_max_bs_decode == 16
+    with pytest.raises(SystemExit):  # why the flag is spelled -decode: the bare one is ambiguous in 0.5.23
+        parser.parse_args(["--model-path", "m", "--cuda-graph-max-bs", "16"])
+
+
+CAPTURE_OK = """\
+[2026-11-26 10:00:01] Capture target decode CUDA graph begin. backend=full, num_tokens_per_req=1, avail mem=30.1 GB
+[2026-11-26 10:00:13] Capture target decode CUDA graph end. elapsed=12.30 s, mem usage=0.80 GB, avail mem=29.3 GB.
+"""
+CAPTURE_OLD = "Capture cuda graph begin. This can take up to several minutes.\nCapture cuda graph end. Time elapsed: 3.5 s.\n"
+CAPTURE_CRASH = """\
+Capture target decode CUDA graph begin. backend=full
+Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+    run()
+RuntimeError: CUDA error: operation not permitted when stream is capturing
+"""
+CAPTURE_RAISED = "Capture target decode CUDA graph begin.\nException: Capture cuda graph failed: out of memory\nPossible\n"
+
+
+@pytest.mark.parametrize("log,requested,state", [
+    (CAPTURE_OK, True, "on"), (CAPTURE_OLD, True, "on"), (CAPTURE_OK, False, "off"), ("", False, "off"),
+    (CAPTURE_CRASH, True, "failed: capture began but did not end (RuntimeError: CUDA error: operation not permitted"),
+    (CAPTURE_RAISED, True, "failed: out of memory"),
+    ("Decode batch ...\n", True, "failed: no decode"),
+])
+def test_cuda_graph_log_status(log, requested, state):
+    got, info = run_e2e.cuda_graph_log_status(log, requested)
+    assert got.startswith(state), got
+    if log is CAPTURE_OK:
+        assert info["capture_s"] == 12.3 and info["captured"] == ["target decode"]
+
+
+def test_arg_parsing_graphs_sweep_repeats():
+    a = run_e2e.parse_args(["--out", "/tmp/x", "--cuda-graph-arms", "all", "--graph-fallback",
+                            "--concurrency", "1,4,8,16", "--repeats", "3"])
+    assert a.cuda_graph_arms == list(run_e2e.ARMS) and a.graph_fallback and a.repeats == 3
+    assert a.concurrency == [1, 4, 8, 16]
+    d = run_e2e.parse_args(["--out", "/tmp/x"])
+    assert d.cuda_graph_arms == [] and not d.graph_fallback and d.repeats == 1 and d.concurrency is None
+    assert run_e2e.parse_args(["--out", "/tmp/x", "--cuda-graph-arms", "ours,upstream"]).cuda_graph_arms == [
+        "ours", "upstream"]
+    for bad in (["--cuda-graph-arms", "flash"], ["--concurrency", "0,4"], ["--concurrency", "a"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            run_e2e.parse_args(["--out", "/tmp/x", *bad])
+
+
+def test_run_levels_headline_first():
+    full = run_e2e.SHAPES["full"]
+    assert run_e2e.run_levels(full, None) == [8]
+    assert run_e2e.run_levels(full, [1, 4, 8, 16]) == [8, 1, 4, 16]
+    assert run_e2e.run_levels(full, [16, 1, 16]) == [8, 16, 1]
+
+
+class FakeDeadline:
+    """A budget that each fake run spends."""
+
+    def __init__(self, seconds):
+        self.t = seconds
+
+    def left(self):
+        return self.t
+
+
+def _fake_runner(deadline, seconds_at):
+    calls = []
+
+    def run_one(c, rep, seed, timeout_s):
+        calls.append((c, rep, seed, round(timeout_s)))
+        s = seconds_at(c)
+        deadline.t -= s
+        return {"status": "ok", "bench_s": s, "summary": {"output_throughput": 100.0 * c + rep}}
+    return run_one, calls
+
+
+def test_measure_plan_skips_levels_when_the_budget_runs_out():
+    deadline = FakeDeadline(190.0)
+    run_one, calls = _fake_runner(deadline, lambda c: 30.0 + 2 * c)  # c8: 46 s, c1: 32 s, c16: 62 s
+    plan = [(8, 0, 0), (8, 1, 1), (1, 0, 0), (16, 0, 0), (4, 0, 0)]
+    runs = run_e2e.measure_plan(plan, run_one, deadline)
+    # 190 -> c8 (144 left) -> c8 again (needs 46+10; 98 left) -> c1 (needs 46+10; takes 32: 66 left)
+    # -> c16 needs 46*sqrt(2)+10 = 75 > 66: skipped -> c4 (needs 46+10 = 56 <= 66): runs.
+    assert [r["status"] for r in runs] == ["ok", "ok", "ok", "skipped", "ok"]
+    assert [c for c, *_ in calls] == [8, 8, 1, 4]
+    skipped = runs[3]
+    assert skipped["concurrency"] == 16 and skipped["reason"].startswith("budget:") and "needs ~75 s" in skipped["reason"]
+    assert calls[0][3] == 175  # the headline gets the whole budget less 15 s
+
+
+def test_measure_plan_keeps_time_for_later_arms():
+    deadline = FakeDeadline(300.0)
+    run_one, calls = _fake_runner(deadline, lambda c: 40.0)
+    runs = run_e2e.measure_plan([(8, 0, 0), (1, 0, 0), (16, 0, 0)], run_one, deadline, later_arms=2,
+                                arm_overhead_s=50.0)
+    # after the headline: 260 left, reserve 2 * (50 + 40 + 10) = 200; c1 needs 50 > 60? no: 60 >= 50 -> runs
+    assert [r["status"] for r in runs] == ["ok", "ok", "skipped"]
+    assert "kept for 2 later arm(s)" in runs[2]["reason"]
+    assert calls[1][3] == 260 - 200 - 5  # a sweep run's timeout keeps the reserve
+
+
+def test_measure_plan_headline_always_runs():
+    deadline = FakeDeadline(5.0)
+    run_one, calls = _fake_runner(deadline, lambda c: 1.0)
+    runs = run_e2e.measure_plan([(8, 0, 0), (1, 0, 0)], run_one, deadline)
+    assert [r["status"] for r in runs] == ["ok", "skipped"] and calls[0][3] == 10  # at least 10 s
+
+
+def _summary(out_tps, ttft=100.0, tpot=40.0):
+    return _bench_json(out_tps)["points"][0]["summary"] | {"ttft_ms": {"p50": ttft, "p90": ttft, "p99": ttft, "max": ttft},
+                                                           "tpot_ms": {"p50": tpot, "p90": tpot, "p99": tpot, "max": tpot}}
+
+
+def _sweep_report():
+    def runs(scale):
+        return [{"concurrency": 8, "repeat": r, "seed": r, "status": "ok", "bench_s": 40.0,
+                 "summary": _summary(scale * v)} for r, v in enumerate((170.0, 180.0, 175.0))] + [
+            {"concurrency": 1, "repeat": 0, "seed": 0, "status": "ok", "bench_s": 30.0, "summary": _summary(scale * 30.0)},
+            {"concurrency": 16, "repeat": 0, "seed": 0, "status": "skipped", "reason": "budget: 20 s left"}]
+    arms = {}
+    for arm, scale, mode in (("ours", 2.0, "cuda-graph"), ("upstream", 1.0, "eager")):
+        res = run_e2e.ArmResult(arm, "ok", bench=_bench_json(175.0 * scale), measured_mode=mode, runs=runs(scale))
+        res.repeats = run_e2e.repeat_stats([r for r in res.runs if r["concurrency"] == 8])
+        arms[arm] = run_e2e.asdict(res)
+    return {"shape_name": "full", "shape": run_e2e.asdict(run_e2e.SHAPES["full"]), "server_flags": ["--x"],
+            "date": "d", "environment": {"card": "NVIDIA H100 80GB HBM3", "device": "cuda"},
+            "concurrency_levels": [8, 1, 16], "repeats": 3, "arms": arms}
+
+
+def test_sweep_points_median_run_and_tables():
+    report = _sweep_report()
+    pts = run_e2e.sweep_points(report)
+    by = {(p["arm"], p["concurrency"]): p for p in pts}
+    assert by[("ours", 8)]["output_tok_s"] == 350.0 and by[("ours", 8)]["runs"] == 3  # median of 340/360/350
+    assert by[("upstream", 1)]["output_tok_s"] == 30.0
+    assert by[("ours", 16)]["status"] == "skipped" and "output_tok_s" not in by[("ours", 16)]
+    table = run_e2e.format_sweep(pts)
+    assert "| 8 | ours | ok | 16/0 | 350.0 | 2.00x |" in table
+    assert "| 16 | ours | skipped (budget: 20 s left) |" in table
+    assert "| 1 | 60.0 | 30.0 | 2.00x |" in table  # the pivot: c, ours, upstream, ratio
+    st = report["arms"]["ours"]["repeats"]
+    assert (st["n"], st["median"], st["min"], st["max"]) == (3, 350.0, 340.0, 360.0)
+    rows = [run_e2e.summary_row(run_e2e.ArmResult(**r)) for r in report["arms"].values()]
+    rep = run_e2e.format_repeats(rows)
+    assert "| ours | 3/3 | 350.0 | 340.0 | 360.0 | 5.7% |" in rep
+
+
+def test_write_outputs_with_sweep(tmp_path):
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "bench" / "ours_c8_r0.json").write_text("{}")
+    js, md = run_e2e.write_outputs(tmp_path / "out", work, _sweep_report())
+    text = md.read_text()
+    assert "concurrency sweep (8, 1, 16" in text and "median run of 3" in text and "c=16 run 0: skipped" in text
+    assert len(json.loads(js.read_text())["sweep_rows"]) == 6
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        assert tar.getnames() == ["bench/ours_c8_r0.json"]
+
+
+def test_old_results_still_load():
+    """A result from before the sweep (no runs): one point per arm at the shape's concurrency."""
+    old = json.loads((REPO / "benchmarks" / "results" / "agentic_e2e_h100_full.json").read_text())
+    pts = run_e2e.sweep_points(old)
+    assert {(p["arm"], p["concurrency"]) for p in pts} == {("ours", 8), ("upstream", 8), ("dense", 8)}
+
+
+PLOT_SCRIPT = REPO / "benchmarks" / "agentic" / "plot_e2e.py"
+
+
+def test_plot_script_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(_sweep_report()))
+    out = subprocess.run([sys.executable, str(PLOT_SCRIPT), str(results), str(tmp_path / "plots" / "e2e")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("e2e_throughput.png", "e2e_latency.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# ------------------------------------------------------------------------------------------- the CPU dry run
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cpu_dry_run_with_a_two_level_sweep(tmp_path):
+    """The whole pipeline on the CPU (tiny model, dry shape): one arm, concurrency 2 (headline) and 1."""
+    pytest.importorskip("sglang")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(GPU_DIR / "run_e2e.py"), "--device", "cpu", "--tiny", "--shape", "dry",
+           "--arms", "ours", "--concurrency", "1,2", "--budget-s", "600", "--out", str(out),
+           "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=800, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "summary.json").read_text())
+    ours = report["arms"]["ours"]
+    assert ours["status"] == "ok" and ours["cuda_graph"] == "off" and ours["measured_mode"] == "eager"
+    assert [(r["concurrency"], r["status"]) for r in ours["runs"]] == [(2, "ok"), (1, "ok")]
+    assert report["concurrency_levels"] == [2, 1]
+    assert {(p["concurrency"], p["status"]) for p in report["sweep_rows"]} == {(1, "ok"), (2, "ok")}
+    assert "concurrency sweep" in (out / "summary.md").read_text()
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"bench/ours_c2_r0.json", "bench/ours_c1_r0.json"} <= set(tar.getnames())
+    if importlib.util.find_spec("matplotlib"):
+        subprocess.run([sys.executable, str(PLOT_SCRIPT), str(out / "summary.json"), str(tmp_path / "p")], check=True,
+                       timeout=120)
+        assert (tmp_path / "p_throughput.png").is_file()
+
+
+def _bring_up(fail_times, graphs=True, fallback=True, state="failed: out of memory"):
+    res = run_e2e.ArmResult("ours", cuda_graph_requested=graphs)
+    calls = []
+
+    def up():
+        calls.append("up")
+        if calls.count("up") <= fail_times:
+            raise RuntimeError("worker-ours exited with code 1")
+
+    mode = run_e2e.bring_up(res, graphs, up, lambda: calls.append("restart"), lambda: state, fallback)
+    return res, mode, calls
+
+
+def test_graph_fallback_restarts_eager_once():
+    res, graphs, calls = _bring_up(1)
+    assert graphs is False and calls == ["up", "restart", "up"] and res.graph_fallback == "failed: out of memory"
+    res.measured_mode = "eager"
+    run_e2e.finish_graph_fields(res, CAPTURE_RAISED)
+    assert res.cuda_graph == "failed: out of memory; eager fallback measured"
+    assert run_e2e.summary_row(res)["mode"] == "eager (graph fallback)"
+    # no capture state in the log: the start error is the reason
+    res, _, _ = _bring_up(1, state="failed: no decode 'Capture ... CUDA graph end' line")
+    assert res.graph_fallback.startswith("graph start failed: RuntimeError: worker-ours exited")
+
+
+def test_graph_fallback_only_once_and_only_when_asked():
+    with pytest.raises(RuntimeError):  # the eager restart fails too: the arm fails
+        _bring_up(2)
+    with pytest.raises(RuntimeError):
+        _bring_up(1, fallback=False)
+    with pytest.raises(RuntimeError):
+        _bring_up(1, fallback=lambda: False)  # asked at failure time (no budget left)
+    with pytest.raises(RuntimeError):  # an eager worker that fails is not retried
+        _bring_up(1, graphs=False)
+    res, graphs, calls = _bring_up(0)
+    assert graphs is True and calls == ["up"] and res.graph_fallback is None
+
+
+@pytest.mark.parametrize("log,mode,state,measured", [
+    (CAPTURE_OK, "cuda-graph", "on", "cuda-graph"),
+    ("", "cuda-graph", "failed: no decode", "cuda-graph (unconfirmed)"),
+    ("", "eager", "off", "eager"),
+])
+def test_finish_graph_fields(log, mode, state, measured):
+    res = run_e2e.ArmResult("ours", cuda_graph_requested=mode == "cuda-graph", measured_mode=mode)
+    run_e2e.finish_graph_fields(res, log)
+    assert res.cuda_graph.startswith(state) and res.measured_mode == measured

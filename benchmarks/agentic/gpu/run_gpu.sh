@@ -4,6 +4,9 @@
 #   bash benchmarks/agentic/gpu/run_gpu.sh [--quick] [run_e2e.py options]
 #   --quick = --shape quick --budget-s 255 (a smoke of the whole pipeline within a 5-minute call)
 # Default: --shape full --budget-s 540 --parallel-start --warmup-turns same (for a 10-minute call).
+# Every other option goes to run_e2e.py (a later repeat of a default option wins), e.g.
+#   --cuda-graph-arms all --graph-fallback     decode CUDA graphs (eager restart where a graph start fails)
+#   --arms ours,upstream --concurrency 1,4,8,16 --repeats 3 --budget-s 510
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 OUTDIR=${E2E_OUT:-${OUT:-/tmp/m3e2e/out}}
