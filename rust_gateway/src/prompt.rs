@@ -23,6 +23,8 @@ pub struct Prompt {
     pub image_salts: Vec<(usize, u64)>,
     /// The rendered prompt ends inside `<mm:think>`: the reply starts with reasoning.
     pub reasoning_prefilled: bool,
+    /// The rendered prompt ends with `</mm:think>` (thinking disabled): the reply has no reasoning.
+    pub reasoning_closed: bool,
     /// Special-token texts the output parser must drop from replies (see `OutputParser::with_hidden_tokens`).
     pub hidden_output_tokens: std::sync::Arc<[String]>,
 }

@@ -4,6 +4,7 @@
 
 use crate::config::GatewayConfig;
 use crate::error::ApiError;
+use crate::parsers::reasoning::THINK_END;
 use crate::preprocess::{PreparedPrompt, PreprocessConfig, PreprocessError, Preprocessor, IMAGE_TOKEN};
 use crate::prompt::{BoxFuture, Prompt, PromptBuilder};
 use axum::http::StatusCode;
@@ -71,6 +72,7 @@ impl ModelPromptBuilder {
             input_ids: p.input_ids,
             worker_fields,
             reasoning_prefilled: p.reasoning_prefilled,
+            reasoning_closed: p.text.trim_end().ends_with(THINK_END),
             hidden_output_tokens: self.hidden_output_tokens.clone(),
         }
     }

@@ -2,3 +2,4 @@
 
 pub mod objects;
 pub mod params;
+pub mod tool_grammar;

@@ -3,6 +3,7 @@
 //! Validation names the offending field (`param`) and the accepted range, so a client sees why a
 //! request was refused. Unknown fields are ignored, as OpenAI-compatible servers do.
 
+use super::tool_grammar::ForcedToolChoice;
 use crate::error::ApiError;
 use serde_json::{json, Map, Value};
 
@@ -30,6 +31,11 @@ pub struct GenParams {
     /// `tools` when tool calls should be parsed (absent or `tool_choice: "none"` -> None).
     pub tools: Option<Value>,
     pub parse_tool_calls: bool,
+    /// `tool_choice` "required" or a named function (chat only): the worker is constrained to tool
+    /// calls by a grammar built once the prompt is rendered (`tool_grammar::tool_call_grammar`).
+    pub forced_tool_choice: Option<ForcedToolChoice>,
+    /// `parallel_tool_calls` (default true): false limits a forced reply to one call.
+    pub parallel_tool_calls: bool,
     /// Split `<mm:think>` into `reasoning_content` (SGLang's `separate_reasoning`, default on).
     pub separate_reasoning: bool,
     /// The `user` field (a session key when no `x-session-id` header is sent).
@@ -225,7 +231,21 @@ pub fn parse(body: &Value, endpoint: Endpoint, max_n: usize) -> Result<GenParams
         return Err(ApiError::invalid_param("echo", "`echo` is not supported"));
     }
 
-    let (tools, parse_tool_calls) = tools_and_choice(body)?;
+    let (tools, parse_tool_calls, forced) = tools_and_choice(body)?;
+    let forced_tool_choice = forced.filter(|_| endpoint == Endpoint::Chat);
+    if forced_tool_choice.is_some() {
+        if let Some(other) = ["json_schema", "regex", "ebnf"].into_iter().find(|k| s.contains_key(*k)) {
+            let what = if other == "json_schema" { "response_format" } else { other };
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!(
+                    "`tool_choice` \"required\" or a named function constrains the reply to tool calls and cannot \
+                     be combined with `{what}`"
+                ),
+            ));
+        }
+    }
+    let parallel_tool_calls = boolean(body, "parallel_tool_calls")?.unwrap_or(true);
     let separate_reasoning = boolean(body, "separate_reasoning")?.unwrap_or(true);
     let user = match body.get("user") {
         Some(Value::String(u)) if !u.is_empty() => Some(u.clone()),
@@ -243,6 +263,8 @@ pub fn parse(body: &Value, endpoint: Endpoint, max_n: usize) -> Result<GenParams
         top_logprobs,
         tools,
         parse_tool_calls,
+        forced_tool_choice,
+        parallel_tool_calls,
         separate_reasoning,
         user,
     })
@@ -292,8 +314,11 @@ fn constrained_decoding(body: &Value, s: &mut Map<String, Value>) -> Result<(), 
     Ok(())
 }
 
-/// Validate `tools` and `tool_choice`; returns (tools for the parser, whether to parse tool calls).
-fn tools_and_choice(body: &Value) -> Result<(Option<Value>, bool), ApiError> {
+/// (tools for the parser, whether to parse tool calls, the tool choice to enforce).
+type ToolsAndChoice = (Option<Value>, bool, Option<ForcedToolChoice>);
+
+/// Validate `tools` and `tool_choice`.
+fn tools_and_choice(body: &Value) -> Result<ToolsAndChoice, ApiError> {
     let tools = match body.get("tools") {
         None | Some(Value::Null) => None,
         Some(Value::Array(ts)) => {
@@ -315,13 +340,15 @@ fn tools_and_choice(body: &Value) -> Result<(Option<Value>, bool), ApiError> {
         .and_then(Value::as_array)
         .map(|ts| ts.iter().filter_map(|t| t.pointer("/function/name").and_then(Value::as_str)).collect())
         .unwrap_or_default();
-    let parse = match body.get("tool_choice") {
-        None | Some(Value::Null) => true,
+    let (parse, forced) = match body.get("tool_choice") {
+        None | Some(Value::Null) => (true, None),
         Some(Value::String(c)) => match c.as_str() {
-            "none" => false,
-            "auto" => true,
-            "required" if tools.is_some() => true,
-            "required" => return Err(ApiError::invalid_param("tool_choice", "`tool_choice: required` needs `tools`")),
+            "none" => (false, None),
+            "auto" => (true, None),
+            "required" if !names.is_empty() => (true, Some(ForcedToolChoice::Required)),
+            "required" => {
+                return Err(ApiError::invalid_param("tool_choice", "`tool_choice: required` needs a non-empty `tools`"))
+            }
             other => {
                 return Err(ApiError::invalid_param(
                     "tool_choice",
@@ -337,11 +364,11 @@ fn tools_and_choice(body: &Value) -> Result<(Option<Value>, bool), ApiError> {
                     format!("`tool_choice` names function {name:?}, which is not in `tools`"),
                 ));
             }
-            true
+            (true, Some(ForcedToolChoice::Function(name.to_string())))
         }
         Some(_) => return Err(ApiError::invalid_param("tool_choice", "`tool_choice` must be a string or an object")),
     };
-    Ok((tools, parse))
+    Ok((tools, parse, forced))
 }
 
 #[cfg(test)]
@@ -416,6 +443,35 @@ mod tests {
         assert!(p.parse_tool_calls && p.tools.is_some());
         assert!(chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}})).is_err());
         assert!(chat(json!({"tool_choice": "required"})).is_err());
+        assert!(chat(json!({"tools": [], "tool_choice": "required"})).is_err());
+        assert_eq!(chat(json!({"tools": tools})).unwrap().forced_tool_choice, None);
+        let p = chat(json!({"tools": tools, "tool_choice": "required", "parallel_tool_calls": false})).unwrap();
+        assert_eq!(p.forced_tool_choice, Some(ForcedToolChoice::Required));
+        assert!(!p.parallel_tool_calls);
+        let p = chat(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}})).unwrap();
+        assert_eq!(p.forced_tool_choice, Some(ForcedToolChoice::Function("f".into())));
+        assert!(p.parallel_tool_calls && !p.sampling.contains_key("ebnf"), "the grammar comes with the prompt");
+    }
+
+    #[test]
+    fn forced_tool_choice_conflicts_with_other_constraints() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        for (extra, what) in [
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"ebnf": "root ::= \"x\""}), "ebnf"),
+            (json!({"regex": "x+"}), "regex"),
+        ] {
+            let mut body = extra.clone();
+            body["tools"] = tools.clone();
+            body["tool_choice"] = json!("required");
+            let e = chat(body).unwrap_err();
+            assert_eq!((e.param.as_deref(), e.status.as_u16()), (Some("tool_choice"), 400));
+            assert!(e.message.contains(what), "{}", e.message);
+            // Without a forced choice the same constraint is fine.
+            let mut body = extra;
+            body["tools"] = tools.clone();
+            assert!(chat(body).is_ok());
+        }
     }
 
     #[test]

@@ -326,6 +326,26 @@ fn parse_output_stream<'py>(
     deltas.iter().map(|d| delta_to_py(py, d)).collect()
 }
 
+/// `tool_call_grammar(tools_json, function=None, parallel=True, reasoning="optional") -> str`: the
+/// EBNF grammar the gateway sends for `tool_choice` "required" (`function` None) or a named function;
+/// `reasoning` is "open" (prompt ends with `<mm:think>`), "closed" or "optional".
+#[pyfunction]
+#[pyo3(signature = (tools_json, function=None, parallel=true, reasoning="optional"))]
+fn tool_call_grammar(tools_json: &str, function: Option<String>, parallel: bool, reasoning: &str) -> PyResult<String> {
+    use crate::api::tool_grammar::{self, ForcedToolChoice, ReasoningStart};
+    let tools = parse_json(tools_json, "tools")?;
+    let reasoning = match reasoning {
+        "open" => ReasoningStart::Open,
+        "closed" => ReasoningStart::Closed,
+        "optional" => ReasoningStart::Optional,
+        other => {
+            return Err(PyValueError::new_err(format!("reasoning must be open, closed or optional, got {other:?}")))
+        }
+    };
+    let choice = function.map_or(ForcedToolChoice::Required, ForcedToolChoice::Function);
+    Ok(tool_grammar::tool_call_grammar(&tools, &choice, parallel, reasoning))
+}
+
 /// `parse_output(text, tools_json=None, reasoning=True, prefilled=False) -> dict` with content,
 /// reasoning_content and tool_calls (list of {id, name, arguments}).
 #[pyfunction]
@@ -365,5 +385,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fetch_image, m)?)?;
     m.add_function(wrap_pyfunction!(parse_output, m)?)?;
     m.add_function(wrap_pyfunction!(parse_output_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(tool_call_grammar, m)?)?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use super::dispatch::{dispatch, Accepted};
 use super::AppState;
 use crate::api::objects::{chat_logprobs, completion_logprobs, finish_reason, new_id, unix_now, Usage};
 use crate::api::params::{self, Endpoint, GenParams};
+use crate::api::tool_grammar::{tool_call_grammar, ReasoningStart};
 use crate::error::ApiError;
 use crate::parsers::{OutputParser, ParsedDelta};
 use crate::prompt::Prompt;
@@ -126,6 +127,8 @@ async fn run(
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
     }
     let max_new_tokens = max_new_tokens(st, &params, prompt.input_ids.len())?;
+    let mut params = params;
+    force_tool_calls(&mut params, &prompt);
 
     let session_key = headers
         .get("x-session-id")
@@ -195,6 +198,21 @@ fn max_new_tokens(st: &AppState, p: &GenParams, prompt_len: usize) -> Result<usi
         Some(m) => Ok(m),
         None => Ok(st.cfg.default_max_tokens.min(room)),
     }
+}
+
+/// `tool_choice` "required" / a named function: constrain the worker to tool calls with an EBNF
+/// grammar (what may precede the calls depends on how the rendered prompt left `<mm:think>`).
+fn force_tool_calls(params: &mut GenParams, prompt: &Prompt) {
+    let (Some(choice), Some(tools)) = (&params.forced_tool_choice, &params.tools) else { return };
+    let reasoning = if prompt.reasoning_prefilled {
+        ReasoningStart::Open
+    } else if prompt.reasoning_closed {
+        ReasoningStart::Closed
+    } else {
+        ReasoningStart::Optional
+    };
+    let grammar = tool_call_grammar(tools, choice, params.parallel_tool_calls, reasoning);
+    params.sampling.insert("ebnf".into(), json!(grammar));
 }
 
 /// The SGLang /generate body for choice `index`.
