@@ -36,7 +36,11 @@ def test_launch_has_m3_settings(tiny_checkpoint):
 def test_cuda_launch_uses_triton_and_the_import_shim(tiny_checkpoint):
     launch = build_launch(["--model-path", str(tiny_checkpoint), "--device", "cuda"], {"PYTHONPATH": "/x"})
     assert launch.command[launch.command.index("--attention-backend") + 1] == "triton"
-    assert "--disable-cuda-graph" in launch.command
+    # Decode in CUDA graphs, prefill eager (the plugin's sparse path captures decode only).
+    assert "--disable-cuda-graph" not in launch.command
+    assert launch.command[launch.command.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    off = build_launch(["--model-path", str(tiny_checkpoint), "--device", "cuda", "--disable-cuda-graph"], {})
+    assert off.command.count("--disable-cuda-graph") == 1 and "--cuda-graph-backend-prefill" not in off.command
     first = launch.env["PYTHONPATH"].split(os.pathsep)[0]
     assert os.path.isfile(os.path.join(first, "sitecustomize.py"))
 

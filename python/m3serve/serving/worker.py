@@ -186,9 +186,12 @@ def build_launch(argv: list[str], environ: dict[str, str] | None = None) -> Work
     if device == "cuda":
         # SGLang's import-time CUDA checks must see "not CUDA" in every process (see platform/cuda.py).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CUDA_SITE), env.get("PYTHONPATH")) if p)
-        # SGLang's torch-native MoE copies expert counts to the host: not capturable in a CUDA graph.
-        if not _has_flag(extra, "--disable-cuda-graph"):
-            command.append("--disable-cuda-graph")
+        # Decode runs in CUDA graphs (the plugin's grouped MoE and graph decode plans are capturable);
+        # prefill/extend stays eager: its plan is built on the host per batch. --disable-cuda-graph turns
+        # graphs off altogether.
+        graph_flags = ("--disable-cuda-graph", "--cuda-graph-backend-prefill", "--disable-prefill-cuda-graph")
+        if not any(_has_flag(extra, f) for f in graph_flags):
+            command += ["--cuda-graph-backend-prefill", "disabled"]
     command += extra
     return WorkerLaunch(command, env, args.model_path, args.host, args.port, device, extra)
 
