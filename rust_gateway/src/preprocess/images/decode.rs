@@ -108,6 +108,12 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Strin
             limits.max_side, limits.max_pixels
         ));
     }
+    if format == ImageFormat::WebP {
+        if let Some(img) = decode_webp_still(bytes, w as usize, h as usize) {
+            return Ok(img);
+        }
+        // Animated or otherwise unusual files: the image crate's decoder (first frame) below.
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut lim = Limits::default();
     lim.max_image_width = Some(limits.max_side);
@@ -119,6 +125,26 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Strin
     let rgb = img.into_rgb8();
     let (width, height) = (rgb.width() as usize, rgb.height() as usize);
     Ok(RgbImage { width, height, data: rgb.into_raw() })
+}
+
+/// A still WebP (lossy or lossless, alpha dropped) through libwebp, the decoder Pillow uses: about
+/// 2x faster than the pure-Rust image-webp, with the same pixels. `None` for what libwebp's simple
+/// API refuses (animations), which then go through the image crate.
+fn decode_webp_still(bytes: &[u8], width: usize, height: usize) -> Option<RgbImage> {
+    let (mut w, mut h) = (0, 0);
+    // SAFETY: libwebp reads at most `bytes.len()` bytes from the pointer and writes the two ints.
+    let ok = unsafe { libwebp_sys::WebPGetInfo(bytes.as_ptr(), bytes.len(), &mut w, &mut h) };
+    if ok == 0 || (w as usize, h as usize) != (width, height) {
+        return None;
+    }
+    let stride = width * 3;
+    let mut data = vec![0u8; stride * height];
+    // SAFETY: `data` holds `height` rows of `stride` bytes, the size and stride passed; libwebp
+    // writes only inside it and returns null on any error.
+    let out = unsafe {
+        libwebp_sys::WebPDecodeRGBInto(bytes.as_ptr(), bytes.len(), data.as_mut_ptr(), data.len(), stride as i32)
+    };
+    (!out.is_null()).then_some(RgbImage { width, height, data })
 }
 
 #[cfg(test)]
