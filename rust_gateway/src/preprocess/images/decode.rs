@@ -114,6 +114,17 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Strin
         }
         // Animated or otherwise unusual files: the image crate's decoder (first frame) below.
     }
+    if format == ImageFormat::Gif {
+        if let Some(img) = decode_gif_plain(bytes, w as usize, h as usize) {
+            return Ok(img);
+        }
+        // Frames with transparency or smaller than the screen: composited by the image crate.
+    }
+    decode_with_image_crate(bytes, format, limits)
+}
+
+/// The general path: the image crate's decoder under an allocation limit, then RGB8.
+fn decode_with_image_crate(bytes: &[u8], format: ImageFormat, limits: &DecodeLimits) -> Result<RgbImage, String> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut lim = Limits::default();
     lim.max_image_width = Some(limits.max_side);
@@ -147,6 +158,41 @@ fn decode_webp_still(bytes: &[u8], width: usize, height: usize) -> Option<RgbIma
     (!out.is_null()).then_some(RgbImage { width, height, data })
 }
 
+/// The first GIF frame when it covers the whole screen and has no transparent index: LZW to palette
+/// indices, then one table lookup per pixel (what PIL's `convert("RGB")` of the P image does),
+/// skipping the image crate's RGBA canvas and compositing. `None` for anything else.
+fn decode_gif_plain(bytes: &[u8], width: usize, height: usize) -> Option<RgbImage> {
+    let mut options = gif::DecodeOptions::new();
+    options.set_color_output(gif::ColorOutput::Indexed);
+    let mut decoder = options.read_info(bytes).ok()?;
+    if (usize::from(decoder.width()), usize::from(decoder.height())) != (width, height) {
+        return None;
+    }
+    let global = decoder.global_palette().map(<[u8]>::to_vec);
+    let frame = decoder.next_frame_info().ok()??;
+    let full =
+        frame.left == 0 && frame.top == 0 && (usize::from(frame.width), usize::from(frame.height)) == (width, height);
+    if !full || frame.transparent.is_some() {
+        return None;
+    }
+    let palette = frame.palette.clone().or(global)?;
+    let mut indices = vec![0u8; width * height];
+    decoder.read_into_buffer(&mut indices).ok()?;
+    let entries = palette.len() / 3;
+    if indices.iter().any(|&i| usize::from(i) >= entries) {
+        return None;
+    }
+    let mut table = [[0u8; 3]; 256];
+    for (t, c) in table.iter_mut().zip(palette.chunks_exact(3)) {
+        t.copy_from_slice(c);
+    }
+    let mut data = vec![0u8; width * height * 3];
+    for (px, &i) in data.chunks_exact_mut(3).zip(&indices) {
+        px.copy_from_slice(&table[usize::from(i)]);
+    }
+    Some(RgbImage { width, height, data })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +206,32 @@ mod tests {
             }
         }
         !crc
+    }
+
+    fn encode_gif(w: u16, h: u16, interlaced: bool, transparent: Option<u8>) -> Vec<u8> {
+        let palette: Vec<u8> = (0..17u8).flat_map(|i| [i * 15, 255 - i * 7, i.wrapping_mul(91)]).collect();
+        let pixels: Vec<u8> = (0..usize::from(w) * usize::from(h)).map(|i| ((i * 7 + i / 13) % 17) as u8).collect();
+        let mut frame = gif::Frame::from_indexed_pixels(w, h, pixels, transparent);
+        frame.interlaced = interlaced;
+        let mut out = Vec::new();
+        {
+            let mut enc = gif::Encoder::new(&mut out, w, h, &palette).unwrap();
+            enc.write_frame(&frame).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn plain_gif_path_equals_image_crate() {
+        for (w, h, interlaced) in [(40, 30, false), (33, 57, true), (1, 1, false)] {
+            let bytes = encode_gif(w, h, interlaced, None);
+            let fast = decode_gif_plain(&bytes, usize::from(w), usize::from(h)).expect("plain GIF");
+            let slow = decode_with_image_crate(&bytes, ImageFormat::Gif, &DecodeLimits::default()).unwrap();
+            assert_eq!((fast.width, fast.height), (slow.width, slow.height));
+            assert_eq!(fast.data, slow.data, "{w}x{h} interlaced={interlaced}");
+        }
+        // A transparent index is left to the image crate.
+        assert!(decode_gif_plain(&encode_gif(8, 8, false, Some(3)), 8, 8).is_none());
     }
 
     #[test]

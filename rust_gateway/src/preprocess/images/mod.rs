@@ -343,4 +343,45 @@ mod timing {
             eprintln!("resize {t_resize:?} patchify {t_patch:?} ({} floats)", out.len());
         }
     }
+
+    /// `M3_IMAGE_DIR=dir cargo test --release -- --ignored --nocapture stages_of_files`: decode,
+    /// resize and patchify times (best of 15) of every image file in `dir`.
+    #[test]
+    #[ignore]
+    fn stages_of_files() {
+        let Ok(dir) = std::env::var("M3_IMAGE_DIR") else { return };
+        let p = ImageProcessor::new(ImageConfig::default());
+        let mut paths: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        for path in paths {
+            let bytes = std::fs::read(&path).unwrap();
+            if decode::sniff(&bytes).is_err() {
+                continue;
+            }
+            let best = |f: &mut dyn FnMut()| {
+                (0..15)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let img = decode_rgb(&bytes, &p.config.limits).unwrap();
+            let (th, tw) = p.config.target_size(img.height, img.width).unwrap();
+            let t_dec = best(&mut || drop(decode_rgb(&bytes, &p.config.limits).unwrap()));
+            let t_res = best(&mut || drop(resize::resize_rgb8(&img.data, img.width, img.height, tw, th)));
+            let resized = resize::resize_rgb8(&img.data, img.width, img.height, tw, th);
+            let t_pat = best(&mut || {
+                let mut out = Vec::new();
+                patchify_into(&resized, tw, th, p.geometry(), &p.table, &mut out);
+            });
+            eprintln!(
+                "{}: decode {t_dec:.2} ms, resize {}x{} -> {tw}x{th} {t_res:.2} ms, patchify {t_pat:.2} ms",
+                path.file_name().unwrap().to_string_lossy(),
+                img.width,
+                img.height
+            );
+        }
+    }
 }

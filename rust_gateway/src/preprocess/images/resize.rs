@@ -110,17 +110,21 @@ pub(crate) fn horizontal_pass(src: &[u8], w: usize, h: usize, ow: usize) -> Vec<
     let t = taps(w, ow);
     let mut out = vec![0u8; ow * h * 3];
     let tiled_rows = h / TILE_ROWS * TILE_ROWS;
-    let mut tile = vec![0u8; w * TILE_LANES];
+    // One spare byte: pixels move as 4-byte words, the 4th byte overwritten by the next pixel.
+    let mut tile = vec![0u8; w * TILE_LANES + 1];
     for y0 in (0..tiled_rows).step_by(TILE_ROWS) {
         let rows: [&[u8]; TILE_ROWS] = std::array::from_fn(|r| &src[(y0 + r) * w * 3..(y0 + r + 1) * w * 3]);
-        for (x, dst) in tile.chunks_exact_mut(TILE_LANES).enumerate() {
-            let dst: &mut [u8; TILE_LANES] = dst.try_into().expect("tile chunk");
+        for x in 0..w - 1 {
+            let dst = &mut tile[x * TILE_LANES..x * TILE_LANES + TILE_LANES + 1];
             for (r, row) in rows.iter().enumerate() {
-                let px = &row[x * 3..x * 3 + 3];
-                dst[r * 3] = px[0];
-                dst[r * 3 + 1] = px[1];
-                dst[r * 3 + 2] = px[2];
+                let word: [u8; 4] = row[x * 3..x * 3 + 4].try_into().expect("4 bytes");
+                dst[r * 3..r * 3 + 4].copy_from_slice(&word);
             }
+        }
+        // The last pixel of a row has no 4th byte to read.
+        let (x, dst) = (w - 1, &mut tile[(w - 1) * TILE_LANES..w * TILE_LANES]);
+        for (r, row) in rows.iter().enumerate() {
+            dst[r * 3..r * 3 + 3].copy_from_slice(&row[x * 3..x * 3 + 3]);
         }
         horizontal_tile(&t, &tile, &mut out, y0, ow);
     }
