@@ -259,6 +259,18 @@ impl ImageProcessor {
         [1, gh as u32, gw as u32]
     }
 
+    /// [`Self::patchify_to`] into memory that need not be initialized; all of it is written.
+    pub fn patchify_to_uninit(
+        &self,
+        rgb: &[u8],
+        h: usize,
+        w: usize,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) -> [u32; 3] {
+        let (gh, gw) = patchify::patchify_uninit(rgb, w, h, self.geometry(), &self.table, out);
+        [1, gh as u32, gw as u32]
+    }
+
     /// Preprocess an already decoded RGB8 image.
     pub fn process_rgb(&self, img: &RgbImage) -> Result<ProcessedImage, String> {
         let (th, tw) = self.config.target_size(img.height, img.width)?;

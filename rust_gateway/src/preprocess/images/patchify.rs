@@ -10,6 +10,8 @@
 //! and each row is `[channel(3)][temporal(2)][py(14)][px(14)]`, the still image duplicated along
 //! the temporal axis.
 
+use std::mem::MaybeUninit;
+
 /// Per-channel lookup: u8 value -> normalized float32.
 pub struct NormalizeTable {
     lut: [[f32; 256]; 3],
@@ -81,6 +83,21 @@ pub fn patchify_slice(
     table: &NormalizeTable,
     out: &mut [f32],
 ) -> (usize, usize) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the function writes only floats.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    patchify_uninit(rgb, w, h, g, table, out)
+}
+
+/// Patchify into memory that need not be initialized (a fresh Python bytes object, say): every
+/// one of the [`patchified_len`] floats is written, so the caller may treat it as initialized.
+pub fn patchify_uninit(
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    g: PatchGeometry,
+    table: &NormalizeTable,
+    out: &mut [MaybeUninit<f32>],
+) -> (usize, usize) {
     let (p, m, t) = (g.patch, g.merge, g.temporal);
     assert!(w.is_multiple_of(p * m) && h.is_multiple_of(p * m), "image {w}x{h} is not a multiple of {}", p * m);
     let (gh, gw) = (h / p, w / p);
@@ -105,9 +122,9 @@ pub fn patchify_slice(
                         let (r, gr, b) =
                             (&mut r[py * p..(py + 1) * p], &mut gr[py * p..(py + 1) * p], &mut b[py * p..(py + 1) * p]);
                         for (((px, r), gr), b) in src.chunks_exact(3).zip(r).zip(gr).zip(b) {
-                            *r = table.lut[0][px[0] as usize];
-                            *gr = table.lut[1][px[1] as usize];
-                            *b = table.lut[2][px[2] as usize];
+                            r.write(table.lut[0][px[0] as usize]);
+                            gr.write(table.lut[1][px[1] as usize]);
+                            b.write(table.lut[2][px[2] as usize]);
                         }
                     }
                     // The still image fills every temporal slot.
