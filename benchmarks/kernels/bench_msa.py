@@ -821,6 +821,7 @@ class Bench:
         elif up is not None:
             self.record("decode", case.name, "upstream layer", lambda: _fail(RuntimeError(up.error)))
         self._ours_decode(case.name, inps, ref_sel, meta)
+        self._ours_decode_graph_plan(case.name, inps, ref_sel, meta)
         if not self.args.no_dense:
             if dense_extra > 0.85 * self.free_bytes():
                 self.record("decode", case.name, "dense", lambda: _fail(
@@ -857,6 +858,35 @@ class Bench:
         self._check_selection("decode", name, label, lambda: o.index(plans[0], inps[0]), inps[0], ref_sel[0])
         self._check_attention("decode", name, label, lambda: o.attn(plans[0], inps[0], ref_sel[0]), inps[0],
                               ref_sel[0], rows=4)
+
+    def _ours_decode_graph_plan(self, name: str, inps: list[Inputs], ref_sel: list[torch.Tensor], meta: dict) -> None:
+        """The serving path of decode in CUDA graphs (m3serve's plugin): a graph plan sized for a 128k-token
+        context (or the case's, when longer), updated on the device at the start of each call, top-k items
+        computed in the kernel (no shared-page packing)."""
+        o, label = self.ours, "ours graph-plan"
+        if o.error or not self.device.startswith("cuda"):
+            return
+        from msa_kernels.triton.index_topk import prepare_graph_decode_topk
+
+        fns, plans = [], []
+        try:
+            for x in inps:
+                p = o.plan(x)
+                gp = o.msa.graph_decode_plan(p.batch_size, max(1024, p.page_table.shape[1]), self.device)
+                prepare_graph_decode_topk(gp, x.q_idx.shape[1], x.idx_k_cache.shape[0] // 128)
+                o.msa.update_graph_decode_plan(gp, p.page_table, p.seq_lens)
+                plans.append(gp)
+
+                def layer(x=x, p=p, gp=gp):
+                    o.msa.update_graph_decode_plan(gp, p.page_table, p.seq_lens)
+                    return o.attn(gp, x, o.index(gp, x))
+
+                fns.append(layer)
+        except Exception as e:  # noqa: BLE001
+            self.record("decode", name, f"{label} layer", lambda e=e: _fail(e), **meta)
+            return
+        self.record("decode", name, f"{label} layer", lambda: time_graph_or_eager(fns, self.device), **meta)
+        self._check_selection("decode", name, label, lambda: o.index(plans[0], inps[0]), inps[0], ref_sel[0])
 
     def _ref_decode_selection(self, inp: Inputs) -> torch.Tensor:
         """Reference selection [B, H, 16] (float32 scores of the (dequantized) cache); a random valid one when
@@ -1270,6 +1300,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             r = v.get(name)
             if r and r.get("ok") and r.get("flops_attn"):
                 line[name.replace(" ", "_") + "_tflops"] = r["flops_attn"] / (r["us"] * 1e-6) / 1e12
+        graph_plan = us("ours graph-plan layer")
+        if graph_plan:
+            line["ours_graph_plan_us"] = graph_plan
+            line["graph_plan_speedup_vs_upstream"] = (up / graph_plan) if up else None
         if "ours bf16 layer" in v:
             line["ours_bf16_us"] = us("ours bf16 layer")
             if line["ours_bf16_us"] and ours:
@@ -1315,6 +1349,14 @@ def markdown(data: dict) -> str:
                      f"{_fmt(s['ours_frac_roofline'] and 100 * s['ours_frac_roofline'], '.0f')} | "
                      f"{_fmt(s['upstream_frac_roofline'] and 100 * s['upstream_frac_roofline'], '.0f')} | "
                      f"{_fmt(s.get('upstream_attn_tflops'), '.0f')} / {_fmt(s.get('ours_attn_tflops'), '.0f')} |")
+    served = [x for x in summary if x.get("ours_graph_plan_us") is not None]
+    if served:
+        lines += ["", "## Decode as served in CUDA graphs (m3serve plugin: graph plan updated on the device)", "",
+                  "| case | upstream µs | ours (host-built plan) µs | ours graph-plan µs | graph-plan / upstream speedup |",
+                  "|---|---|---|---|---|"]
+        for x in served:
+            lines.append(f"| {x['case']} | {_fmt(x['upstream_us'])} | {_fmt(x['ours_us'])} | "
+                         f"{_fmt(x['ours_graph_plan_us'])} | {_fmt(x.get('graph_plan_speedup_vs_upstream'), '.2f')} |")
     fp8 = [x for x in summary if x.get("ours_bf16_us") is not None or "fp8" in x["case"]]
     if fp8:
         agree = {(ch["variant"]): ch.get("agreement") for ch in data["checks"] if "agreement fp8" in ch.get("what", "")}

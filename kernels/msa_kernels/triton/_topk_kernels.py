@@ -65,6 +65,18 @@ def _select_and_store(keys, local, rows, row_ok, out_ptr,
 
 
 @triton.jit
+def _graph_chunk_blocks(q_pos_ptr, n_req, n_chunks, PAGE: tl.constexpr, BATCH_P2: tl.constexpr):
+    """Decode graph mode: blocks per chunk for this step, from the longest history in the batch: the
+    smallest power of two with n_chunks chunks covering it (so short steps still spread over many items)."""
+    b = tl.arange(0, BATCH_P2)
+    longest = tl.max(tl.load(q_pos_ptr + b, mask=b < n_req, other=0)) // PAGE
+    cb = longest * 0 + 1  # a tensor from the start: the loop carries one type
+    while cb * n_chunks < longest:
+        cb *= 2
+    return cb
+
+
+@triton.jit
 def _score_kernel(
     q_ptr, stride_qt, stride_qh,
     kc_ptr, stride_ks,
@@ -77,11 +89,13 @@ def _score_kernel(
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
-    GRID_ITEMS: tl.constexpr,
+    GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_items = tl.load(n_items_ptr)
+    if GRID_ITEMS:
+        chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_items // n_chunks, n_chunks, PAGE, BATCH_P2)
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     kcol = tl.arange(0, KS)
@@ -146,8 +160,10 @@ def _merge_kernel(
     cand_ptr, q_pos_ptr, out_ptr,
     n_rows, n_chunks, chunk_blocks,
     H: tl.constexpr, PAGE: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, LP: tl.constexpr,
-    TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
 ):
+    if GRID_ITEMS:
+        chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_rows // H, n_chunks, PAGE, BATCH_P2)
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
     row_ok = rows < n_rows
     local = tl.load(q_pos_ptr + rows // H, mask=row_ok, other=0) // PAGE
@@ -179,7 +195,7 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         BLOCK_M=work.block_m, KS=work.keep,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
-        GRID_ITEMS=work.grid_items,
+        GRID_ITEMS=work.grid_items, BATCH_P2=triton.next_power_of_2(max(1, plan.batch_size)),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -203,5 +219,6 @@ def launch_merge(work, plan, out):
         n_rows, work.n_chunks, work.chunk_blocks,
         H=work.heads, PAGE=128, KS=work.keep, RB=rb, LP=lp,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
+        GRID_ITEMS=work.grid_items, BATCH_P2=triton.next_power_of_2(max(1, plan.batch_size)),
         num_warps=warps,
     )

@@ -257,18 +257,22 @@ def build_graph_decode_work(
     target_items: int | None = None,
 ) -> TopkWork:
     """The work of a decode CUDA graph: `batch` requests of up to `max_blocks` blocks, items computed on
-    the device from each request's position (request b, chunk c -> blocks [c*CB, min((c+1)*CB, local))),
-    so that a replay needs no host work at all. Chunks are sized to fill the GPU at half the longest
-    context. Compared with the host-built list, shared-prefix pages are read once per request, not once
-    per batch (no packing: that needs the page table on the host)."""
+    the device (request b, chunk c -> blocks [c*CB, min((c+1)*CB, local))), so that a replay needs no host
+    work. The number of chunks per request is fixed (enough for ~target items per batch); the blocks per
+    chunk CB are chosen in the kernels at each step from the batch's longest history (the smallest power of
+    two whose chunks cover it), so short and long steps both spread over the GPU. `chunk_blocks` holds the
+    largest CB (the longest context), which sizes how many candidates a chunk keeps. Compared with the
+    host-built list, shared-prefix pages are read once per request, not once per batch (no packing)."""
     if batch < 1 or heads < 1 or max_blocks < 1:
         raise MSAInputError(f"graph decode work needs batch, heads, max_blocks >= 1, got {batch}, {heads}, "
                             f"{max_blocks}")
     if heads > MAX_SHARED_ROWS:
         raise MSAInputError(f"{heads} index heads exceed the decode tile ({MAX_SHARED_ROWS} rows)")
     target = target_items if target_items is not None else ITEMS_PER_SM * sm_count
-    chunk_blocks = _pow2(max(1, -(-batch * max(1, max_blocks // 2) // target)))
-    n_chunks = -(-max_blocks // chunk_blocks)
+    # About `target` items once histories are long: a power of two at or below target / batch.
+    n_chunks = min(_pow2(max(1, target // batch) + 1) // 2, _pow2(max_blocks), 512)
+    chunk_blocks = _pow2(-(-max_blocks // n_chunks))
+    keep = min(_pow2(max(1, topk - 1)), chunk_blocks)
     n_items = batch * n_chunks
     return TopkWork(
         items=torch.zeros(1, 6, dtype=torch.int32, device=device),
@@ -278,11 +282,10 @@ def build_graph_decode_work(
         block_m=max(16, _pow2(heads)),
         chunk_blocks=chunk_blocks,
         n_chunks=n_chunks,
-        keep=min(_pow2(max(1, topk - 1)), _pow2(chunk_blocks)),
+        keep=keep,
         final=False,
         grid=max(1, min(n_items, 4 * sm_count)),
         heads=heads,
-        candidates=torch.empty(batch * heads, n_chunks, min(_pow2(max(1, topk - 1)), _pow2(chunk_blocks)),
-                               dtype=torch.int64, device=device),
+        candidates=torch.empty(batch * heads, n_chunks, keep, dtype=torch.int64, device=device),
         grid_items=True,
     )
