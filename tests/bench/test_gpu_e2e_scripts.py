@@ -665,3 +665,11 @@ def test_finish_graph_fields(log, mode, state, measured):
     res = run_e2e.ArmResult("ours", cuda_graph_requested=mode == "cuda-graph", measured_mode=mode)
     run_e2e.finish_graph_fields(res, log)
     assert res.cuda_graph.startswith(state) and res.measured_mode == measured
+
+
+def test_repeats_table_survives_an_arm_with_no_ok_run():
+    # An arm whose repeats all failed (seen on the H100: the bench timed out) must not crash the report.
+    rows = [{"arm": "dense", "repeats": {"n": 0, "planned": 3}},
+            {"arm": "ours", "repeats": {"n": 2, "planned": 3, "median": 600.0, "min": 500.0, "max": 700.0}}]
+    table = run_e2e.format_repeats(rows)
+    assert "| dense | 0/3 | - |" in table and "| ours | 2/3 | 600.0 |" in table

@@ -400,6 +400,9 @@ def format_repeats(rows: list[dict[str, Any]]) -> str:
         st = r.get("repeats")
         if not st:
             continue
+        if not st.get("n"):  # every repeat failed or was skipped
+            lines.append(f"| {r['arm']} | 0/{st.get('planned', '-')} | - | - | - | - |")
+            continue
         spread = (st["max"] - st["min"]) / st["median"] if st["median"] else float("nan")
         lines.append(f"| {r['arm']} | {st['n']}/{st['planned']} | {_fmt(st['median'])} | {_fmt(st['min'])} | "
                      f"{_fmt(st['max'])} | {spread:.1%} |")
