@@ -874,11 +874,12 @@ class Bench:
                 p = o.plan(x)
                 gp = o.msa.graph_decode_plan(p.batch_size, max(1024, p.page_table.shape[1]), self.device)
                 prepare_graph_decode_topk(gp, x.q_idx.shape[1], x.idx_k_cache.shape[0] // 128)
-                o.msa.update_graph_decode_plan(gp, p.page_table, p.seq_lens)
+                rows = torch.arange(p.batch_size, device=self.device)
+                o.msa.update_graph_decode_plan_from_slots(gp, x.req_to_token, rows, p.seq_lens)
                 plans.append(gp)
 
-                def layer(x=x, p=p, gp=gp):
-                    o.msa.update_graph_decode_plan(gp, p.page_table, p.seq_lens)
+                def layer(x=x, p=p, gp=gp, rows=rows):  # as the plugin runs it: one update launch, then the layer
+                    o.msa.update_graph_decode_plan_from_slots(gp, x.req_to_token, rows, p.seq_lens)
                     return o.attn(gp, x, o.index(gp, x))
 
                 fns.append(layer)

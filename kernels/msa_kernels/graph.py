@@ -19,6 +19,8 @@ eager path packs them into one read per batch).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .layout import BLOCK_SIZE, TOPK_BLOCKS, MSAInputError
@@ -55,3 +57,24 @@ def update_graph_decode_plan(plan: MSAPlan, page_table: torch.Tensor, seq_lens: 
     plan.page_table[:, : page_table.shape[1]].copy_(page_table)
     plan.seq_lens.copy_(seq_lens)
     torch.sub(plan.seq_lens, 1, out=plan.q_pos)
+
+
+def update_graph_decode_plan_from_slots(
+    plan: MSAPlan, slot_table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor
+) -> None:
+    """Like update_graph_decode_plan, with the page table read from a token-slot table (SGLang's
+    req_to_token [requests, max_context]: the slot of each token; page = first slot of a block / 128) at the
+    batch's `rows`. One launch on CUDA (capturable); torch ops elsewhere. Shapes are checked, values are not."""
+    batch, width = plan.page_table.shape
+    if tuple(rows.shape) != (batch,) or tuple(seq_lens.shape) != (batch,):
+        raise MSAInputError(f"rows {tuple(rows.shape)} and seq_lens {tuple(seq_lens.shape)} must be [{batch}]")
+    if slot_table.dim() != 2 or slot_table.stride(1) != 1:
+        raise MSAInputError(f"slot_table must be a row-contiguous [requests, tokens] table, got {tuple(slot_table.shape)}")
+    if slot_table.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from .triton.graph_update import update_from_slots
+
+        update_from_slots(plan.page_table, plan.seq_lens, plan.q_pos, slot_table, rows, seq_lens, BLOCK_SIZE)
+        return
+    cols = torch.arange(min(width, -(-slot_table.shape[1] // BLOCK_SIZE)), device=slot_table.device) * BLOCK_SIZE
+    pages = slot_table[rows.long()[:, None], cols[None, :]] // BLOCK_SIZE
+    update_graph_decode_plan(plan, pages, seq_lens)

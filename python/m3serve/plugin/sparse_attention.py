@@ -124,7 +124,6 @@ class GraphDecode:
     seq_lens_ptr: int  # address of the graph runner's static seq_lens buffer
     plan: object = None  # msa_kernels.MSAPlan of static buffers, made by the first forward (a warm-up)
     first_layer: int | None = None  # the sparse layer that updates the plan at the start of each step
-    page_starts: torch.Tensor | None = None  # slot column of each page's first token in req_to_token
 
 
 def _page_table(backend, req_pool_indices: torch.Tensor, width_tokens: int | None = None) -> torch.Tensor:
@@ -173,12 +172,9 @@ def _graph_step_plan(backend, g: GraphDecode, forward_batch, layer, heads: int, 
         g.plan = msa.graph_decode_plan(g.batch_size, width, device, topk=backend.topk_blocks)
         prepare_graph_decode_topk(g.plan, heads, num_pages, device)
         g.first_layer = layer.layer_id
-        g.page_starts = torch.arange(width, device=device) * msa.BLOCK_SIZE
-    if layer.layer_id == g.first_layer:
-        # Only the first slot of each page: [B, pages] reads, not whole req_to_token rows.
-        rows = forward_batch.req_pool_indices.long()[:, None]
-        page_table = backend.req_to_token[rows, g.page_starts[None, :]] // msa.BLOCK_SIZE
-        msa.update_graph_decode_plan(g.plan, page_table, forward_batch.seq_lens)
+    if layer.layer_id == g.first_layer:  # one launch: pages from the slot table, lengths, positions
+        msa.update_graph_decode_plan_from_slots(g.plan, backend.req_to_token, forward_batch.req_pool_indices,
+                                                forward_batch.seq_lens)
     return g.plan
 
 
