@@ -4,13 +4,9 @@ lengths of 1 token, exactly one block, one block + 1 token, and the plan's full 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter_child import interpreted_main, run_interpreted
 
 WIDTH = 12
 
@@ -46,11 +42,7 @@ def test_torch_path():
 
 
 def test_triton_update_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+    assert run_interpreted(__file__, "update", timeout=300)["ok"]
 
 
 def test_shapes_are_checked():
@@ -62,7 +54,4 @@ def test_shapes_are_checked():
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run through pytest")
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    print(json.dumps(_case()))
+    interpreted_main({"update": _case})

@@ -11,12 +11,8 @@ buffers are poisoned too.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from interpreter_child import interpreted_main, run_interpreted
 
 POISON = -7  # no valid selection entry is ever -7
 
@@ -225,22 +221,10 @@ def case_bad_inputs():
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
-def _run_in_interpreter(name: str) -> list | dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"case {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_index_topk_interpreter(name):
-    _run_in_interpreter(name)
+    run_interpreted(__file__, name)
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run through pytest, or with TRITON_INTERPRET=1")
-    print(json.dumps(CASES[sys.argv[1]]()))
+    interpreted_main(CASES)

@@ -9,12 +9,8 @@ every rounding mode agrees; the GPU tests cover arbitrary values.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from interpreter_child import interpreted_main, run_interpreted
 
 
 def _store_case(heads, tokens, cache_dtype, index_dtype, scale, index_shape3, on_grid, with_index=True):
@@ -113,14 +109,8 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_store_interpreter(name):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"case {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    json.loads(proc.stdout.strip().splitlines()[-1])
+    run_interpreted(__file__, name, timeout=300)
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run through pytest, or with TRITON_INTERPRET=1")
-    print(json.dumps(CASES[sys.argv[1]]()))
+    interpreted_main(CASES)

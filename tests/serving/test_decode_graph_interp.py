@@ -12,13 +12,10 @@ shared prefix. Fresh random inputs each run; outputs poisoned.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
+from interpreter_child import interpreted_main, run_interpreted
 
 CONTEXT = 4096  # the fake pool's longest context (32 pages)
 POOL_PAGES = 120
@@ -127,11 +124,7 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_decode_graph_flow_interpreter(name):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"case {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(__file__, name, timeout=900)
     assert len(rows) == 2 and all(r["rel_err"] < 2e-3 for r in rows)
 
 
@@ -152,6 +145,4 @@ def test_eager_batches_do_not_touch_graph_plans():
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run through pytest, or with TRITON_INTERPRET=1")
-    print(json.dumps(CASES[sys.argv[1]]()))
+    interpreted_main(CASES)

@@ -7,14 +7,11 @@ and a tile list that misses or repeats a pair would leave rows wrong, which the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from interpreter_child import interpreted_main, run_interpreted
 
 
 def _layer(experts: int, hidden: int, inter: int, dtype):
@@ -67,11 +64,7 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_grouped_moe_interpreter(name):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"case {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(__file__, name)
     assert all(r["rel_err"] < 1e-4 for r in rows)
 
 
@@ -118,7 +111,4 @@ def test_path_choice(monkeypatch):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run through pytest, or with TRITON_INTERPRET=1")
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    print(json.dumps(CASES[sys.argv[1]]()))
+    interpreted_main(CASES)
