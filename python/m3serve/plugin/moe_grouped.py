@@ -35,6 +35,16 @@ class MoEKernelInputError(ValueError):
 
 
 @triton.jit
+def _tile(tile, pairs_ptr, tile_expert_ptr, tile_first_ptr, tile_rows_ptr, BLOCK_M: tl.constexpr):
+    """(expert, pair ids, row mask) of one tile of the expert-sorted (token, slot) pairs."""
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    first = tl.load(tile_first_ptr + tile)
+    row_ok = tl.arange(0, BLOCK_M) < tl.load(tile_rows_ptr + tile)
+    pair = tl.load(pairs_ptr + first + tl.arange(0, BLOCK_M), mask=row_ok, other=0).to(tl.int64)
+    return expert, pair, row_ok
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, h_ptr, pairs_ptr, tile_expert_ptr, tile_first_ptr, tile_rows_ptr, n_tiles_ptr,
     hidden, inter, stride_xt, stride_we, stride_wn, stride_hp,
@@ -44,12 +54,7 @@ def _gate_up_kernel(
     tile = tl.program_id(0)
     if tile >= tl.load(n_tiles_ptr):
         return
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    first = tl.load(tile_first_ptr + tile)
-    rows = tl.load(tile_rows_ptr + tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < rows
-    pair = tl.load(pairs_ptr + first + offs_m, mask=row_ok, other=0).to(tl.int64)
+    expert, pair, row_ok = _tile(tile, pairs_ptr, tile_expert_ptr, tile_first_ptr, tile_rows_ptr, BLOCK_M)
     token = pair // TOPK
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < inter
@@ -83,12 +88,7 @@ def _down_kernel(
     tile = tl.program_id(0)
     if tile >= tl.load(n_tiles_ptr):
         return
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    first = tl.load(tile_first_ptr + tile)
-    rows = tl.load(tile_rows_ptr + tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < rows
-    pair = tl.load(pairs_ptr + first + offs_m, mask=row_ok, other=0).to(tl.int64)
+    expert, pair, row_ok = _tile(tile, pairs_ptr, tile_expert_ptr, tile_first_ptr, tile_rows_ptr, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < hidden
     w_base = w2_ptr + expert * stride_we
