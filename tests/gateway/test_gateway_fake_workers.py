@@ -12,20 +12,9 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, wait_until
+from m3_tool_data import NS, WEATHER_TOOL
 
-NS = "]<]minimax[>["
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            },
-        },
-    }
-]
+TOOLS = [WEATHER_TOOL]
 TOOL_REPLY = (
     f'<mm:think>Need the weather.</mm:think>Let me check.{NS}<tool_call>\n{NS}<invoke name="get_weather">\n'
     f"{NS}<city>Paris{NS}</city>\n{NS}<days>3{NS}</days>\n{NS}</invoke>\n{NS}</tool_call>"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from m3_tool_data import NS
 
 g = pytest.importorskip("m3serve._gateway")
-
-NS = "]<]minimax[>["
 
 TOOLS = [
     {

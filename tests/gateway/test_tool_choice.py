@@ -13,21 +13,12 @@ import json
 
 import httpx
 import pytest
+from m3_tool_data import NS, WEATHER_TOOL
 
 g = pytest.importorskip("m3serve._gateway")
 
-NS = "]<]minimax[>["
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            },
-        },
-    },
+    WEATHER_TOOL,
     {
         "type": "function",
         "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
