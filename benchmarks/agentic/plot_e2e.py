@@ -57,10 +57,7 @@ def plot_results(report: dict[str, Any], prefix: str | Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm, ps in series.items():
-        color, marker = STYLE.get(arm, (None, "o"))
-        ax.plot([p["concurrency"] for p in ps], [p["output_tok_s"] for p in ps], marker=marker, color=color,
-                label=_label(report, arm))
+    _lines(ax, series, "output_tok_s", report)
     ax.set(xlabel="concurrency (sessions)", ylabel="output tokens / s", title="output throughput")
     _axes(ax, levels)
     fig.suptitle(title, fontsize=9)
@@ -71,10 +68,7 @@ def plot_results(report: dict[str, Any], prefix: str | Path) -> list[Path]:
 
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, name in zip(axs, ("ttft_p50", "tpot_p50"), ("time to first token p50", "time per output token p50")):
-        for arm, ps in series.items():
-            color, marker = STYLE.get(arm, (None, "o"))
-            ax.plot([p["concurrency"] for p in ps], [p[key] for p in ps], marker=marker, color=color,
-                    label=_label(report, arm))
+        _lines(ax, series, key, report)
         ax.set(xlabel="concurrency (sessions)", ylabel="ms", title=name)
         _axes(ax, levels)
     fig.suptitle(title, fontsize=9)
@@ -83,6 +77,14 @@ def plot_results(report: dict[str, Any], prefix: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def _lines(ax: Any, series: dict[str, list[dict[str, Any]]], key: str, report: dict[str, Any]) -> None:
+    """One line per arm: `key` against concurrency."""
+    for arm, ps in series.items():
+        color, marker = STYLE.get(arm, (None, "o"))
+        ax.plot([p["concurrency"] for p in ps], [p[key] for p in ps], marker=marker, color=color,
+                label=_label(report, arm))
 
 
 def _axes(ax: Any, levels: list[int]) -> None:
