@@ -2,15 +2,16 @@
 
 A CUDA graph replays fixed kernels on fixed buffers, so the per-batch plan cannot be rebuilt on the host
 between replays without a sync and milliseconds of host work per step. A graph decode plan instead holds
-static device buffers sized for `batch` requests of up to `max_pages` pages; `update_graph_decode_plan`
-(capturable: device copies only) writes the step's page table and lengths into them at the start of the
-captured step, and the top-k work list derives its items from those lengths in the kernel
+static device buffers sized for `batch` requests of up to `max_pages` pages; `update_graph_decode_plan_from_slots`
+(one capturable launch; `update_graph_decode_plan` takes a ready page table instead) writes the step's page table
+and lengths into them at the start of the captured step, and the top-k work list derives its items from those
+lengths in the kernel
 (`index_topk.prepare_graph_decode_topk`). The decode attention kernel already reads only device state.
 
     plan = graph_decode_plan(batch, max_pages, device)
     prepare_graph_decode_topk(plan, index_heads, num_pages)      # before capture
     # inside the captured step, once, before the first sparse layer:
-    update_graph_decode_plan(plan, page_table, seq_lens)
+    update_graph_decode_plan_from_slots(plan, req_to_token, req_pool_indices, seq_lens)
     selected = index_topk(plan, q_idx, index_k_cache); o = sparse_attention(plan, q, ...)
 
 Trade-off: without the page table on the host, requests that share prefix pages each read them (the

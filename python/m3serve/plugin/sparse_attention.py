@@ -126,12 +126,12 @@ class GraphDecode:
     first_layer: int | None = None  # the sparse layer that updates the plan at the start of each step
 
 
-def _page_table(backend, req_pool_indices: torch.Tensor, width_tokens: int | None = None) -> torch.Tensor:
-    """Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size."""
+def _page_table(backend, req_pool_indices: torch.Tensor, width_tokens: int) -> torch.Tensor:
+    """Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size. Reads
+    only the first slot of each page, not whole req_to_token rows."""
     block = _msa().BLOCK_SIZE
-    rows = backend.req_to_token[req_pool_indices.long()]
-    width = rows.shape[1] if width_tokens is None else width_tokens
-    return rows[:, :width:block] // block
+    starts = torch.arange(0, width_tokens, block, device=backend.req_to_token.device)
+    return backend.req_to_token[req_pool_indices.long()[:, None], starts[None, :]] // block
 
 
 def graphs_possible(tensor: torch.Tensor) -> bool:
