@@ -4,9 +4,11 @@ Triton MSA kernels.
 m3serve's M3 plugin (m3serve.plugin) always sends the sparse layers to msa_kernels. For the upstream arm
 the run script excludes it with SGLang's plugin allow-list (SGLANG_PLUGINS=m3serve_portable,
 m3serve_upstream_arm) and loads this one instead, which installs only the two hooks SGLang needs to run M3
-at all on an out-of-tree platform (the same ones m3serve's plugin installs):
+at all on an out-of-tree platform, and the dense-layer one (the same ones m3serve's plugin installs):
   * the MiniMax sparse-index KV pool allowed on the portable platform;
-  * the SwiGLU-OAI gate/up layout fix in the torch-native MoE.
+  * the SwiGLU-OAI gate/up layout fix in the torch-native MoE;
+  * the dense layers' extend on FlashAttention-2 (m3serve.plugin.dense_extend): upstream SGLang on Hopper
+    would run them on FA3 from its CUDA kernel package, which the portable platform lacks.
 So the arms differ only in who computes the sparse layers. Registered as the `sglang.srt.plugins` entry
 point `m3serve_upstream_arm` by a dist-info the run script writes (run_e2e.write_arm_dist).
 Inert unless M3SERVE_SPARSE_BACKEND=upstream.
@@ -26,11 +28,12 @@ def enabled() -> bool:
 
 
 def hooks() -> list[tuple[str, object, str]]:
-    from m3serve.plugin import kv_pool, moe_layout
+    from m3serve.plugin import dense_extend, kv_pool, moe_layout
 
     return [
         (kv_pool.TARGET, kv_pool.allow_sparse_kv_pool, "AROUND"),
         (moe_layout.TARGET, moe_layout.fix_moe_layout, "AROUND"),
+        (dense_extend.TARGET, dense_extend.flash_extend, "AROUND"),
     ]
 
 

@@ -7,6 +7,7 @@ for other SGLang deployments. When active it registers, through SGLang's HookReg
     decode also inside CUDA graphs, through a plan refreshed before each replay);
   * the sparse-index KV pool allowed on the portable platform;
   * the SwiGLU-OAI gate/up layout fix in the torch-native MoE;
+  * the dense layers' prefill/extend on FlashAttention-2 where SGLang's Triton backend serves them (CUDA);
   * the image hand-off hooks of m3serve.plugin.mm_handoff, when that module exists.
 
 SGLang swallows exceptions raised by plugins (and logs them before logging is configured), so a
@@ -21,7 +22,7 @@ import os
 import pkgutil
 import sys
 
-from . import kv_pool, marker, moe_layout, sparse_attention
+from . import dense_extend, kv_pool, marker, moe_layout, sparse_attention
 from .version import SUPPORTED_SGLANG, UnsupportedSGLangError, check_sglang_version
 
 PLUGIN_ENV = "M3SERVE_M3_PLUGIN"
@@ -39,6 +40,7 @@ def hooks():
     return [
         (kv_pool.TARGET, kv_pool.allow_sparse_kv_pool, "AROUND"),
         (moe_layout.TARGET, moe_layout.fix_moe_layout, "AROUND"),
+        (dense_extend.TARGET, dense_extend.flash_extend, "AROUND"),
         (sparse_attention.INIT_TARGET, sparse_attention.check_backend, "AFTER"),
         (sparse_attention.EXTEND_TARGET, sparse_attention.sparse_forward_extend, "REPLACE"),
         (sparse_attention.DECODE_TARGET, sparse_attention.sparse_forward_decode, "REPLACE"),
