@@ -14,12 +14,8 @@ lengths in the kernel
     update_graph_decode_plan_from_slots(plan, req_to_token, req_pool_indices, seq_lens)
     selected = index_topk(plan, q_idx, index_k_cache); o = sparse_attention(plan, q, ...)
 
-Shared prefixes: with no page table on the host, the top-k kernel packs requests itself. For each chunk of
-blocks it compares the requests' page ids on the device and lets one item score every request whose chunk
-is wholly historical and maps to the same pages, so a shared page is read about once per batch, as in the
-eager path. Trade-off: each item spends one page-table tile load and a few reductions on the comparison,
-packed items are fewer (less parallelism on a wholly shared batch), and the item tile grows to up to 64
-rows for every item; see `build_graph_decode_work` for when packing is compiled out.
+Trade-off: without the page table on the host, requests that share prefix pages each read them (the
+eager path packs them into one read per batch).
 """
 
 from __future__ import annotations

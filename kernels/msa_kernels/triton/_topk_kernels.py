@@ -11,14 +11,6 @@ rows cost no memory traffic. The token-level score matrix never leaves registers
 running top-KS of (block max, id) keys, replacing its current minimum when a better block arrives. Finally it either writes those
 candidates for the merge kernel, or (one chunk covers the history) selects and writes the output itself.
 
-Decode in CUDA graphs (GRID_ITEMS) has no host-built list: item = (request, chunk), computed in the kernel.
-With SHARE, each item first finds the requests whose same chunk is full and maps to the same pages (a shared
-prefix), in one 2-D load of the page table; the lowest-ranked of every BLOCK_M // H of them scores all their
-rows over the pages once and the others' items do nothing (`_graph_share`). No host work, no extra launch,
-no cross-program synchronisation; candidates stay per (row, chunk), so the merge is unchanged. The tile is
-then sized for a packed item (up to 64 rows), which a private item (a history tail, or pages of its own)
-pads further.
-
 `_merge_kernel`: per row, the best TOPK-1 of its chunks' candidates plus the local block.
 
 Selection: TOPK-1 passes of one max-reduction over the packed candidate keys (TOPK-1 = 15, a few hundred
@@ -27,15 +19,9 @@ candidates per row at most in practice), then a 16-wide sort of the ids: ascendi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
-
-if TYPE_CHECKING:
-    from ..plan import MSAPlan
-    from ._topk_worklist import TopkWork
 
 _NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
 # A (block max, block id) pair travels as one int64 key: the score's bits made order-preserving in the high
@@ -91,44 +77,6 @@ def _graph_chunk_blocks(q_pos_ptr, n_req, n_chunks, PAGE: tl.constexpr, BATCH_P2
 
 
 @triton.jit
-def _graph_share(pt_ptr, stride_pt, xs, x_ok, local_x, b_ref, j0, j1, cb, r, row, row_ok,
-                 H: tl.constexpr, GMAX: tl.constexpr, CBMAX: tl.constexpr):
-    """Decode graph mode, item (request b_ref, chunk [j0, j0+cb)): pack requests that read the same pages.
-
-    Only *full* chunks (the request scores all cb blocks: local >= j0 + cb) are shared; a history tail stays
-    private, as does a chunk whose pages differ from every other request's. The requests whose full chunk
-    has exactly b_ref's page ids form a group (page-id equality is an equivalence, so every member sees the
-    same group and the same ranks). Members ranked k*GMAX lead: their item scores the rows of the members
-    ranked [k*GMAX, (k+1)*GMAX) (tile row = slot * H + head) over the shared pages; the other members' items
-    do nothing. Every (row, chunk) slot the merge reads is still written once: by the row's leader.
-    The page ids come in one 2-D load (a loop of dependent loads would cost a load latency per block), from
-    the L2-resident page table. Returns the tile's (flat rows, row mask, end block)."""
-    # b_ref's chunk is full exactly when its private range is all cb blocks; cb <= CBMAX always holds for
-    # valid lengths (the check keeps a longer history than planned from being compared on too few columns).
-    shared = (j1 == j0 + cb) & (cb <= CBMAX)
-    cc = tl.arange(0, CBMAX)
-    col_ok = cc < cb
-    full = x_ok & (local_x >= j0 + cb) & shared
-    pages = tl.load(pt_ptr + xs.to(tl.int64)[:, None] * stride_pt + (j0 + cc)[None, :],
-                    mask=full[:, None] & col_ok[None, :], other=-1)
-    mine = tl.load(pt_ptr + b_ref.to(tl.int64) * stride_pt + j0 + cc, mask=col_ok & shared, other=-1)
-    differ = tl.sum(((pages != mine[None, :]) & col_ok[None, :]).to(tl.int32), 1)
-    eq = (full & (differ == 0)).to(tl.int32)  # b_ref itself is always in when shared
-    rank = tl.cumsum(eq, 0) - eq  # members ranked by request index
-    rank_b = tl.sum(tl.where(xs < b_ref, eq, 0), 0)
-    in_pack = (eq > 0) & (rank >= rank_b) & (rank < rank_b + GMAX)
-    slot = tl.where(in_pack, rank - rank_b, -1)
-    # Tile row -> member slot; rows past GMAX * H (H not dividing the tile) get -2, which no slot holds.
-    want = tl.where(r // H < GMAX, r // H, -2)
-    x_r = tl.max(tl.where(slot[None, :] == want[:, None], xs[None, :], -1), 1)  # the slot's request, or -1
-    lead = rank_b % GMAX == 0
-    row = tl.where(shared & (x_r >= 0), x_r * H + r % H, row)
-    row_ok = tl.where(shared, lead & (x_r >= 0), row_ok)
-    j1 = tl.where(shared & (rank_b % GMAX != 0), j0, j1)  # a follower's rows are its leader's: no work
-    return row, row_ok, j1
-
-
-@triton.jit
 def _score_kernel(
     q_ptr, stride_qt, stride_qh,
     kc_ptr, stride_ks,
@@ -142,19 +90,12 @@ def _score_kernel(
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
     GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
-    SHARE: tl.constexpr, CBMAX: tl.constexpr,
-    load_count_ptr, COUNT_LOADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_items = tl.load(n_items_ptr)
     if GRID_ITEMS:
         chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_items // n_chunks, n_chunks, PAGE, BATCH_P2)
-    if SHARE:
-        # Every request's local block, once per program: the per-item "chunk full" test then costs no load.
-        xs = tl.arange(0, BATCH_P2)
-        x_ok = xs < n_items // n_chunks
-        local_x = tl.load(q_pos_ptr + xs, mask=x_ok, other=0) // PAGE
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     kcol = tl.arange(0, KS)
@@ -169,9 +110,6 @@ def _score_kernel(
             j1 = tl.maximum(tl.minimum(j0 + chunk_blocks, tl.load(q_pos_ptr + b_ref) // PAGE), j0)
             row_ok = r < H
             row = b_ref * H + r
-            if SHARE:
-                row, row_ok, j1 = _graph_share(pt_ptr, stride_pt, xs, x_ok, local_x, b_ref, j0, j1, chunk_blocks,
-                                               r, row, row_ok, H, BLOCK_M // H, CBMAX)
         else:
             base = items_ptr + item * 6
             b_ref = tl.load(base)
@@ -183,9 +121,7 @@ def _score_kernel(
             row_ok = r < n_rows
             row = tl.load(rows_ptr + row_off + r, mask=row_ok, other=0)
         t = row // H
-        # Packed graph rows are request * H + (r % H) on both paths; r % H keeps the head index free of the
-        # in-kernel member lookup (sm_90 ptxas: fewer spills in the packing prelude).
-        h = r % H if SHARE else row % H
+        h = row % H
         local = tl.load(q_pos_ptr + t, mask=row_ok, other=0) // PAGE
         q = tl.load(q_ptr + t.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -207,16 +143,11 @@ def _score_kernel(
             else:
                 s = tl.dot(q, kt)
             key = _pack_key(tl.max(s, 1), j)
-            if not SHARE:
-                # Historical blocks only (j < local block); later blocks of a tile's earlier rows stay out.
-                # Packing graph items need no mask (nor the per-row position load): j < j1 <= the local block
-                # of every scored row (a private item stops at its own, a packed one holds full chunks only).
-                key = tl.where(j < local, key, _NONE_KEY)
+            # Historical blocks only (j < local block); later blocks of a tile's earlier rows stay out.
+            key = tl.where(j < local, key, _NONE_KEY)
             worst = tl.min(top, 1)
             put = (top == worst[:, None]) & (key > worst)[:, None]
             top = tl.where(put, key[:, None], top)
-        if COUNT_LOADS:  # tests only: index-K blocks this item read (packing must show as fewer)
-            tl.atomic_add(load_count_ptr, j1 - j0)
         if FINAL:
             _select_and_store(top, local, row, row_ok, out_ptr, BLOCK_M, TOPK, TOPK_P2)
         else:
@@ -244,8 +175,7 @@ def _merge_kernel(
     _select_and_store(keys, local, rows, row_ok, out_ptr, RB, TOPK, TOPK_P2)
 
 
-def launch_score(work: TopkWork, plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor,
-                 out: torch.Tensor, num_warps: int, num_stages: int) -> None:
+def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
     # The dot runs in q's dtype when the keys convert to it exactly (same dtype, or fp8 keys: e4m3 values
     # are exact in bf16 and fp16); otherwise (bf16 q with fp16 keys, fp32 anywhere) both go to fp32 and the
     # dot runs in full fp32 precision, so no key loses bits before the product.
@@ -253,7 +183,6 @@ def launch_score(work: TopkWork, plan: MSAPlan, q_idx: torch.Tensor, index_k_cac
         index_k_cache.dtype == torch.float8_e4m3fn and q_idx.dtype in (torch.bfloat16, torch.float16))
     in_f32 = not exact_in_q or q_idx.dtype == torch.float32
     cand = work.candidates if not work.final else out
-    counter = work.load_counter  # None outside tests: the counting is compiled out
     _score_kernel[(work.grid,)](
         q_idx, q_idx.stride(0), q_idx.stride(1),
         index_k_cache, index_k_cache.stride(0),
@@ -267,8 +196,6 @@ def launch_score(work: TopkWork, plan: MSAPlan, q_idx: torch.Tensor, index_k_cac
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
         GRID_ITEMS=work.grid_items, BATCH_P2=triton.next_power_of_2(max(1, plan.batch_size)),
-        SHARE=work.pack_shared, CBMAX=work.chunk_blocks if work.pack_shared else 1,
-        load_count_ptr=work.n_items if counter is None else counter, COUNT_LOADS=counter is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -10,7 +10,7 @@ mask is needed, and the local block is forced into the selection afterwards.
   K-block load feeds a [rows x 128] x [128 x 128] tensor-core product;
 - decode: rows are the index heads of one request; when several requests read the same pages for a chunk
   (a shared prefix) their rows are packed into one item, so the page is read once per batch, not once
-  per request (inside CUDA graphs the kernel does this packing itself: `build_graph_decode_work`).
+  per request.
 
 Chunks split long histories so that there are enough items to fill the GPU; each chunk leaves candidates
 that a merge kernel reduces. When one chunk covers every row's history the scoring kernel finishes the
@@ -32,7 +32,6 @@ from ..plan import MSAPlan
 EXTEND_ROWS = 128  # rows (tokens x index heads) of one extend item: one tensor-core tile
 MAX_SHARED_ROWS = 64  # rows of one decode item: requests sharing a page are packed up to this many rows
 ITEMS_PER_SM = 2  # items wanted per SM before chunks are split further
-SHARE_MAX_TILE = 8192  # graph decode: largest register tile of the in-kernel page-sharing test (see below)
 
 
 @dataclass
@@ -50,8 +49,6 @@ class TopkWork:
     heads: int
     candidates: torch.Tensor | None = None  # int64 [T*H, C, KS] per-chunk (score, block) keys (split runs)
     grid_items: bool = False  # decode graph mode: items are (request, chunk) computed in the kernel
-    pack_shared: bool = False  # graph mode: requests whose full chunk has the same pages share one item
-    load_counter: torch.Tensor | None = None  # tests only: int32 [1], the kernel adds the index-K blocks it reads
 
 
 def _pow2(n: int) -> int:
@@ -264,15 +261,8 @@ def build_graph_decode_work(
     work. The number of chunks per request is fixed (enough for ~target items per batch); the blocks per
     chunk CB are chosen in the kernels at each step from the batch's longest history (the smallest power of
     two whose chunks cover it), so short and long steps both spread over the GPU. `chunk_blocks` holds the
-    largest CB (the longest context), which sizes how many candidates a chunk keeps.
-
-    Shared prefixes are packed on the device (`pack_shared`): for chunk c, the requests whose chunk is full
-    (all CB blocks historical) and maps to the same page ids share items of up to block_m // heads requests,
-    so a shared page is read about once per batch, as with the host-built list; history tails and chunks
-    with their own pages stay one item per request. With packing on, the tile holds min(MAX_SHARED_ROWS,
-    batch x heads) rows (a power of two, >= 16) for every item. Packing is off (tile = one request's heads,
-    padded to 16 rows: the kernel is the unpacked one) for one request, or when the in-kernel comparison
-    would hold more than SHARE_MAX_TILE elements (pow2(batch) x max(CB, rows))."""
+    largest CB (the longest context), which sizes how many candidates a chunk keeps. Compared with the
+    host-built list, shared-prefix pages are read once per request, not once per batch (no packing)."""
     if batch < 1 or heads < 1 or max_blocks < 1:
         raise MSAInputError(f"graph decode work needs batch, heads, max_blocks >= 1, got {batch}, {heads}, "
                             f"{max_blocks}")
@@ -284,19 +274,12 @@ def build_graph_decode_work(
     chunk_blocks = _pow2(-(-max_blocks // n_chunks))
     keep = min(_pow2(max(1, topk - 1)), chunk_blocks)
     n_items = batch * n_chunks
-    block_m = max(16, _pow2(min(MAX_SHARED_ROWS, batch * heads)))
-    # The in-kernel grouping holds a [requests, CB] page-id tile and a [rows, requests] slot match in
-    # registers; past SHARE_MAX_TILE elements (or with nothing to pack) it is compiled out and the tile
-    # shrinks back to one request's heads.
-    pack = batch > 1 and block_m // heads >= 2 and _pow2(batch) * max(chunk_blocks, block_m) <= SHARE_MAX_TILE
-    if not pack:
-        block_m = max(16, _pow2(heads))
     return TopkWork(
         items=torch.zeros(1, 6, dtype=torch.int32, device=device),
         rows=torch.zeros(1, dtype=torch.int32, device=device),
         n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
         n_items_host=n_items,
-        block_m=block_m,
+        block_m=max(16, _pow2(heads)),
         chunk_blocks=chunk_blocks,
         n_chunks=n_chunks,
         keep=keep,
@@ -305,36 +288,4 @@ def build_graph_decode_work(
         heads=heads,
         candidates=torch.empty(batch * heads, n_chunks, keep, dtype=torch.int64, device=device),
         grid_items=True,
-        pack_shared=pack,
     )
-
-
-def graph_decode_block_loads(work: TopkWork, page_table: torch.Tensor, seq_lens: torch.Tensor) -> dict[str, int]:
-    """What the graph-mode scoring kernel should read for one step (tests and benchmark notes; host only).
-
-    Mirrors the kernel: CB from the longest history, then per chunk the requests whose chunk is full and has
-    the same page ids form groups of up to block_m // heads requests, each one item reading the chunk once;
-    every other (request, chunk) reads its own blocks. Returns `blocks` (index-K block loads), `unpacked`
-    (the loads without packing: every request's history), `packed_items` (items that score more than one
-    request) and `chunk_blocks` (this step's CB)."""
-    pt = page_table.cpu().long()
-    local = [(int(s) - 1) // BLOCK_SIZE for s in seq_lens.cpu()]
-    cb = 1
-    while cb * work.n_chunks < max(local):
-        cb *= 2
-    per_item = max(1, work.block_m // work.heads)
-    pack = work.pack_shared and cb <= work.chunk_blocks
-    blocks = packed = 0
-    for c in range(work.n_chunks):
-        j0 = c * cb
-        groups: dict[tuple[int, ...], int] = {}
-        for x, loc in enumerate(local):
-            if pack and loc >= j0 + cb:
-                key = tuple(pt[x, j0 : j0 + cb].tolist())
-                groups[key] = groups.get(key, 0) + 1
-            else:
-                blocks += max(0, min(j0 + cb, loc) - j0)
-        for members in groups.values():
-            blocks += -(-members // per_item) * cb
-            packed += members // per_item + (members % per_item >= 2)
-    return {"blocks": blocks, "unpacked": sum(local), "packed_items": packed, "chunk_blocks": cb}
