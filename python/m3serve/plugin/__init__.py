@@ -22,7 +22,7 @@ import os
 import pkgutil
 import sys
 
-from . import dense_extend, kv_pool, marker, moe_layout, sparse_attention
+from . import compile_log, dense_extend, kv_pool, marker, moe_layout, sparse_attention
 from .version import SUPPORTED_SGLANG, UnsupportedSGLangError, check_sglang_version
 
 PLUGIN_ENV = "M3SERVE_M3_PLUGIN"
@@ -88,5 +88,6 @@ def register() -> None:
             handoff.install(HookRegistry)
         except Exception as e:  # SGLang would swallow it and serve without the image hand-off
             _fail(f"m3serve.plugin.mm_handoff.install failed ({type(e).__name__}: {e})")
+    compile_log.install()  # opt-in (M3SERVE_TRITON_COMPILE_LOG=1): every Triton specialization, for diagnosis
     marker.note("sglang_version", SUPPORTED_SGLANG)
     marker.record("plugin_registered")
