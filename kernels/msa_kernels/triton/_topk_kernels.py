@@ -76,7 +76,7 @@ def _graph_chunk_blocks(q_pos_ptr, n_req, n_chunks, PAGE: tl.constexpr, BATCH_P2
     return cb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt", "n_chunks", "chunk_blocks"])
 def _score_kernel(
     q_ptr, stride_qt, stride_qh,
     kc_ptr, stride_ks,
@@ -155,7 +155,7 @@ def _score_kernel(
             tl.store(cand_ptr + off, top, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_chunks", "chunk_blocks"])
 def _merge_kernel(
     cand_ptr, q_pos_ptr, out_ptr,
     n_rows, n_chunks, chunk_blocks,
@@ -173,6 +173,22 @@ def _merge_kernel(
     off = rows.to(tl.int64)[:, None] * (n_chunks * KS) + col[None, :]
     keys = tl.load(cand_ptr + off, mask=ok, other=_NONE_KEY)
     _select_and_store(keys, local, rows, row_ok, out_ptr, RB, TOPK, TOPK_P2)
+
+
+def _batch_p2(work, plan) -> int:
+    """BATCH_P2 matters only to graph-mode items; elsewhere a constant, so that the kernels do not compile a
+    new variant for every batch size met while serving."""
+    return triton.next_power_of_2(max(1, plan.batch_size)) if work.grid_items else 1
+
+
+def merge_width(candidates: int) -> int:
+    """Candidate keys per merge row, padded: LP is a constexpr, and every distinct value is a compile while
+    serving (~0.4 s each on an H100, measured in the agentic e2e run). 64, 256, 1024 (one warp; powers of 4
+    halve the variants for at most 2x masked lanes), then powers of 2 (long contexts, several warps)."""
+    lp = 64
+    while lp < min(candidates, MERGE_KEYS_PER_WARP):
+        lp *= 4
+    return max(lp, triton.next_power_of_2(candidates))
 
 
 def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
@@ -195,7 +211,7 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         BLOCK_M=work.block_m, KS=work.keep,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
-        GRID_ITEMS=work.grid_items, BATCH_P2=triton.next_power_of_2(max(1, plan.batch_size)),
+        GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -211,7 +227,7 @@ MERGE_ROWS_PER_PROGRAM = 1
 
 def launch_merge(work, plan, out):
     n_rows = plan.num_tokens * work.heads
-    lp = triton.next_power_of_2(work.n_chunks * work.keep)
+    lp = merge_width(work.n_chunks * work.keep)
     rb = max(1, min(MERGE_ROWS_PER_PROGRAM, MERGE_KEYS_PER_WARP // lp))
     warps = max(1, min(8, rb * lp // MERGE_KEYS_PER_WARP))
     _merge_kernel[(triton.cdiv(n_rows, rb),)](
@@ -219,6 +235,6 @@ def launch_merge(work, plan, out):
         n_rows, work.n_chunks, work.chunk_blocks,
         H=work.heads, PAGE=128, KS=work.keep, RB=rb, LP=lp,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
-        GRID_ITEMS=work.grid_items, BATCH_P2=triton.next_power_of_2(max(1, plan.batch_size)),
+        GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         num_warps=warps,
     )

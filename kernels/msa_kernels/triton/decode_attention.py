@@ -52,7 +52,7 @@ from ._attn_common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pb"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,

@@ -78,7 +78,7 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pb", "union_max"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
     union_ptr, bits_ptr, pages_ptr, wide_ptr, gate_wide_ptr, gate_tile_of_ptr, out_ptr,
