@@ -8,6 +8,7 @@ query head per visible key). Needs the e2e site (SGLang importable): run under r
 or `eval "$(bash benchmarks/agentic/gpu/setup_site.sh)"` first.
 
     python benchmarks/agentic/gpu/dense_extend_bench.py [--out DIR]
+    python benchmarks/agentic/gpu/dense_extend_bench.py --plot RESULTS.json OUT.png   (on the CPU machine)
 """
 
 from __future__ import annotations
@@ -85,10 +86,39 @@ def run_case(batch: int, prefix: int, new: int, extend_attention_fwd) -> dict:
             "rel_diff": err}
 
 
+def plot(results: Path, out: Path) -> None:
+    """Bar chart of both kernels' time per case (headless matplotlib; the GPU bundle does not carry it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    labels = [f"B={r['requests']}\n{r['prefix'] // 1000}k + {r['new']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar([i - 0.2 for i in x], [r["sglang_triton_ms"] for r in rows], 0.4, label="SGLang Triton extend")
+    ax.bar([i + 0.2 for i in x], [r["m3serve_fa2_ms"] for r in rows], 0.4, label="m3serve FA2 path")
+    for i, r in zip(x, rows):
+        ax.text(i + 0.2, r["m3serve_fa2_ms"], f"{r['speedup']:.1f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per dense layer")
+    ax.set_title(f"M3 dense-layer extend, {data['meta']['card']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS", "PNG"), default=None)
     args = ap.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
     rows = []
