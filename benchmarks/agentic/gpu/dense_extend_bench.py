@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -49,17 +48,10 @@ def make(batch: int, prefix: int, new: int):
 
 
 def timed(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of `reps` CUDA-event-timed calls after one warm-up (msa_kernels' GPU-check timer)."""
+    from msa_kernels.triton._topk_gpucheck import time_events
+
+    return time_events(fn, reps, warmup=1) / 1000
 
 
 def run_case(batch: int, prefix: int, new: int, extend_attention_fwd) -> dict:
