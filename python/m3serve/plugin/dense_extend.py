@@ -17,7 +17,7 @@ the extend mask. Requests go in groups of at most `M3SERVE_DENSE_EXTEND_TOKENS` 
 256 MiB each for K and V at 4 KV heads x 128 bf16), which bounds the temporary copy.
 
 Calls it does not serve (custom masks, non-causal, sliding windows, sinks, logit caps, score mods, fp8
-caches, dLLM, CPU tensors, head dims FA2 lacks) go to SGLang's kernel unchanged, as does everything when
+caches, dLLM, CPU tensors, GPUs before Ampere, head dims FA2 lacks) go to SGLang's kernel unchanged, as does everything when
 M3SERVE_DENSE_EXTEND=triton (benchmarks: the old path).
 """
 
@@ -141,6 +141,7 @@ def _unserved(args: dict, kwargs: dict) -> str | None:
     checks = [
         (os.environ.get(SWITCH_ENV, "flash") == "triton", f"{SWITCH_ENV}=triton"),
         (not q.is_cuda, "not CUDA"),
+        (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8, "GPU older than Ampere (no FA2)"),
         (args["custom_mask"] is not None, "custom mask"),
         (not args["causal"], "non-causal"),
         (kwargs.get("logit_cap") not in (None, 0, 0.0), "logit cap"),
