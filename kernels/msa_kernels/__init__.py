@@ -11,9 +11,14 @@ This package knows nothing of SGLang: it takes tensors in SGLang's paged-pool la
 `msa_kernels.ops` dispatches each op to its Triton kernel on CUDA and to its reference elsewhere.
 """
 
-from .graph import graph_decode_plan, update_graph_decode_plan, update_graph_decode_plan_from_slots
+from .graph import (
+           graph_decode_plan,
+           pages_from_slots,
+           update_graph_decode_plan,
+           update_graph_decode_plan_from_slots,
+)
 from .layout import BLOCK_SIZE, TOPK_BLOCKS, MSAInputError
 from .plan import MSAPlan, plan
 
-__all__ = ["BLOCK_SIZE", "TOPK_BLOCKS", "MSAInputError", "MSAPlan", "graph_decode_plan", "plan",
+__all__ = ["BLOCK_SIZE", "TOPK_BLOCKS", "MSAInputError", "MSAPlan", "graph_decode_plan", "pages_from_slots", "plan",
            "update_graph_decode_plan", "update_graph_decode_plan_from_slots"]

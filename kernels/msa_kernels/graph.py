@@ -76,6 +76,12 @@ def update_graph_decode_plan_from_slots(
 
         update_from_slots(plan.page_table, plan.seq_lens, plan.q_pos, slot_table, rows, seq_lens, BLOCK_SIZE)
         return
-    cols = torch.arange(min(width, -(-slot_table.shape[1] // BLOCK_SIZE)), device=slot_table.device) * BLOCK_SIZE
-    pages = slot_table[rows.long()[:, None], cols[None, :]] // BLOCK_SIZE
-    update_graph_decode_plan(plan, pages, seq_lens)
+    n_pages = min(width, -(-slot_table.shape[1] // BLOCK_SIZE))
+    update_graph_decode_plan(plan, pages_from_slots(slot_table, rows, n_pages), seq_lens)
+
+
+def pages_from_slots(slot_table: torch.Tensor, rows: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """Page table [len(rows), n_pages] of a token-slot table (SGLang's req_to_token): page p of a request holds
+    slots [p*128, p*128+128), so its id is the block's first slot / 128. Reads only those first slots."""
+    starts = torch.arange(n_pages, device=slot_table.device) * BLOCK_SIZE
+    return slot_table[rows.long()[:, None], starts[None, :]] // BLOCK_SIZE

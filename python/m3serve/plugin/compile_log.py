@@ -29,7 +29,7 @@ def _constexprs(src) -> str:
     for key, value in sorted(getattr(src, "constants", {}).items()):
         index = key[0] if isinstance(key, tuple) and key else key
         name = names[index] if isinstance(index, int) and index < len(names) else str(key)
-        if name.isupper() or name.startswith(("BLOCK", "num_")):  # the kernel's own constexprs, not None args
+        if name.isupper():  # the kernels' own constexprs (upper case), not None-valued arguments
             parts.append(f"{name}={value}")
     return " ".join(parts)[:400]
 

@@ -108,8 +108,8 @@ def batch_plan(backend, forward_batch, num_pages: int):
         q_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
     else:
         q_lens = [int(n) for n in forward_batch.extend_seq_lens.tolist()]
-    width = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE) * msa.BLOCK_SIZE
-    page_table = _page_table(backend, forward_batch.req_pool_indices, width)
+    n_pages = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE)
+    page_table = msa.pages_from_slots(backend.req_to_token, forward_batch.req_pool_indices, n_pages)
     plan = msa.plan(page_table, seq_lens, q_lens, num_pages=num_pages, topk=backend.topk_blocks)
     setattr(backend, _PLAN_ATTR, (forward_batch, plan))
     marker.record("plan_built")
@@ -126,12 +126,6 @@ class GraphDecode:
     first_layer: int | None = None  # the sparse layer that updates the plan at the start of each step
 
 
-def _page_table(backend, req_pool_indices: torch.Tensor, width_tokens: int) -> torch.Tensor:
-    """Page p of a request holds slots [p*128, p*128+128): its first slot, divided by the page size. Reads
-    only the first slot of each page, not whole req_to_token rows."""
-    block = _msa().BLOCK_SIZE
-    starts = torch.arange(0, width_tokens, block, device=backend.req_to_token.device)
-    return backend.req_to_token[req_pool_indices.long()[:, None], starts[None, :]] // block
 
 
 def graphs_possible(tensor: torch.Tensor) -> bool:
