@@ -184,6 +184,37 @@ def case_graph_decode_device_items():
     return results
 
 
+def case_merge_in_many_slices():
+    # The merge keeps a running best over fixed slices of candidates; a 16-key slice makes every row's
+    # candidates span several slices (later slices with few or no keys beating the running worst), in
+    # decode, extend and the graph plan's device items.
+    import torch
+
+    from msa_kernels import graph_decode_plan, update_graph_decode_plan
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton import _topk_kernels as tk
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
+
+    tk.MERGE_SLICE = 16
+    res = _both_paths([7000, 5100, 2049], [1, 1, 1], heads=4)
+    res += _both_paths([6000, 3000], [30, 20], heads=2)
+    assert not res[1]["final"] and not res[3]["final"]
+    seqs, heads, width = [7000, 130, 4500], 4, 60
+    num_pages = len(seqs) * width
+    kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
+    gp = graph_decode_plan(len(seqs), width, "cpu")
+    work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=24)
+    pt = torch.randperm(num_pages)[: len(seqs) * width].view(len(seqs), width).to(torch.int32)
+    update_graph_decode_plan(gp, pt, torch.tensor(seqs))
+    q = torch.randn(len(seqs), heads, 128).to(torch.float16)
+    work.candidates.fill_(2**62 + 12345)
+    out = torch.full((len(seqs), heads, 16), POISON, dtype=torch.int32)
+    index_topk(gp, q, kc, out=out)
+    assert not bool((out == POISON).any())
+    return res + [check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out)]
+
+
 def case_bad_inputs():
     import torch
 

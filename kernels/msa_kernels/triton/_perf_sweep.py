@@ -190,7 +190,7 @@ def extend_sweep(bm, budget) -> None:
 
 
 def merge_sweep(bm, budget) -> None:
-    """Index top-k merge: rows per merge program (one warp each)."""
+    """Index top-k merge: keys per slice of the running selection (one row and one warp per program)."""
     import msa_kernels
     from msa_kernels import ops
     from msa_kernels.triton import _topk_kernels as tk
@@ -201,16 +201,16 @@ def merge_sweep(bm, budget) -> None:
             return
         sets = 2 if SMOKE else bm.rotation_sets(bm.decode_touched_bytes(b, n))
         inps = [bm.build_inputs([n] * b, [1] * b, False, DEV, seed=1000 + i) for i in range(sets)]
-        for rb in (1, 2, 4):
-            tk.MERGE_ROWS_PER_PROGRAM = rb
+        for width in (128, 256, 512, 1024):
+            tk.MERGE_SLICE = width
             plans = [msa_kernels.plan(x.page_table, x.seq_lens, x.q_lens) for x in inps]
             try:
                 r = bm.time_graph([lambda x=x, p=p: ops.index_topk(p, x.q_idx, x.idx_k_cache)
                                    for x, p in zip(inps, plans)], DEV)
-                log(kind="merge", case=f"B={b} N={n}", rows_per_program=rb, idx_us=round(r["us"], 2))
+                log(kind="merge", case=f"B={b} N={n}", slice=width, idx_us=round(r["us"], 2))
             except Exception as e:  # noqa: BLE001
-                log(kind="merge", case=f"B={b} N={n}", rows_per_program=rb, error=f"{type(e).__name__}: {e}"[:300])
-        tk.MERGE_ROWS_PER_PROGRAM = 1
+                log(kind="merge", case=f"B={b} N={n}", slice=width, error=f"{type(e).__name__}: {e}"[:300])
+        tk.MERGE_SLICE = 512
 
 
 def extend2_sweep(bm, budget) -> None:

@@ -13,8 +13,23 @@ candidates for the merge kernel, or (one chunk covers the history) selects and w
 
 `_merge_kernel`: per row, the best TOPK-1 of its chunks' candidates plus the local block.
 
-Selection: TOPK-1 passes of one max-reduction over the packed candidate keys (TOPK-1 = 15, a few hundred
-candidates per row at most in practice), then a 16-wide sort of the ids: ascending, -1 at the tail.
+Candidates are stored compacted: a chunk of CB blocks has at most min(KS, CB) real keys, and the scoring
+kernel keeps them in its first slots, so it writes only those, back to back, and a row's real candidates are
+one contiguous run of used_chunks x min(KS, CB) keys. The merge walks that run in slices of MERGE_SLICE keys
+with a running best TOPK-1: per slice it drops every key below the running worst, then moves the best
+remaining key in while it beats the worst (at most TOPK-1 max-reductions for the first slice, fewer
+for later ones). The slice width is fixed, so one compiled merge serves every history length (the earlier
+merge padded each row to a constexpr width, 64 / 256 / 1,024 / powers of 2: a compile per new width while
+serving, and 15 full passes over mostly empty keys). Measured on an H200 (graph replay, batch 1, merge
+kernel alone): 7.3 -> 6.5 us at 60k (470 candidates, one slice), 9.4 -> 13 us at 256k (2,048 candidates:
+four slices, and random keys keep beating the running worst in later slices). A bitonic top-k per slice
+(tl.topk) measured slower still (8.1 / 27 us). Next: a cheap lower bound (the 15th best of per-lane maxima)
+to drop most keys of later slices before the insertion loop.
+
+Selection output: the blocks of the best TOPK-1 keys and the local block, sorted by a 16-wide sort of the
+ids: ascending, -1 at the tail.
+
+Both kernels start with `pdl_prologue` (programmatic dependent launch, see `_pdl`).
 """
 
 from __future__ import annotations
@@ -23,12 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
+
 _NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
 # A (block max, block id) pair travels as one int64 key: the score's bits made order-preserving in the high
 # word, 0x7FFFFFFF - id in the low word. A larger key is a higher score, then a lower id (the reference's
 # tie rule), and one max/min reduction finds both the score and its block.
 _NONE_KEY = tl.constexpr(-(2**63) + 2**40)  # below every real key (those are > -2**63 + 2**55)
 _VALID_MIN = tl.constexpr(-(2**63) + 2**41)  # keys above this are real candidates
+_PINNED = tl.constexpr(2**63 - 1)  # fills running-best slots past TOPK-1: never the worst, never selected
 
 
 @triton.jit
@@ -56,12 +74,51 @@ def _select_and_store(keys, local, rows, row_ok, out_ptr,
         best_id = tl.where(best > _VALID_MIN, _key_block(best), -1)
         chosen = tl.where(ocol[None, :] == k, best_id[:, None], chosen)
         keys = tl.where(keys == best[:, None], _NONE_KEY, keys)
+    _store_sorted(chosen, local, rows, row_ok, out_ptr, R, TOPK, TOPK_P2)
+
+
+@triton.jit
+def _store_sorted(chosen, local, rows, row_ok, out_ptr, R: tl.constexpr, TOPK: tl.constexpr,
+                  TOPK_P2: tl.constexpr):
+    """chosen [R, TOPK_P2] block ids (-1 = none) in columns < TOPK-1 -> out[row, :TOPK]: those ids and the
+    local block (column TOPK-1), ascending, -1 padded."""
+    ocol = tl.arange(0, TOPK_P2)
     chosen = tl.where(ocol[None, :] == TOPK - 1, local[:, None], chosen)
     order = tl.where(chosen < 0, _NO_ID, chosen)
     order = tl.sort(order, 1)
     res = tl.where(order == _NO_ID, -1, order)
     ptrs = out_ptr + rows.to(tl.int64)[:, None] * TOPK + ocol[None, :]
     tl.store(ptrs, res, mask=row_ok[:, None] & (ocol < TOPK)[None, :])
+
+
+@triton.jit
+def _select_from_run(cand_ptr, row_stride, rows, row_ok, n_valid, local, out_ptr,
+                     R: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr):
+    """Rows' real candidates are cand[row * row_stride + c] for c < n_valid[row]: keep a running best TOPK-1
+    over slices of W keys, then store the selection (see the module docstring)."""
+    tcol = tl.arange(0, TOPK_P2)
+    col = tl.arange(0, W)
+    # Distinct sentinels, so that "the slot holding the worst key" is exactly one slot.
+    top = tl.where(tcol[None, :] < TOPK - 1, tl.full([R, TOPK_P2], _NONE_KEY, tl.int64) + tcol[None, :],
+                   tl.full([R, TOPK_P2], _PINNED, tl.int64))
+    base = rows.to(tl.int64)[:, None] * row_stride
+    longest = tl.max(tl.where(row_ok, n_valid, 0), 0)
+    for s0 in range(0, longest, W):
+        c = s0 + col
+        keys = tl.load(cand_ptr + base + c[None, :], mask=row_ok[:, None] & (c[None, :] < n_valid[:, None]),
+                       other=_NONE_KEY)
+        worst = tl.min(top, 1)
+        keys = tl.where((keys > worst[:, None]) & (keys > _VALID_MIN), keys, _NONE_KEY)
+        best = tl.max(keys, 1)
+        need = best > worst
+        while tl.max(need.to(tl.int32), 0) > 0:
+            top = tl.where((top == worst[:, None]) & need[:, None], best[:, None], top)
+            keys = tl.where(keys == best[:, None], _NONE_KEY, keys)  # keys are unique (one per block)
+            worst = tl.min(top, 1)
+            best = tl.max(keys, 1)
+            need = best > worst
+    chosen = tl.where((tcol[None, :] < TOPK - 1) & (top > _VALID_MIN), _key_block(top), -1)
+    _store_sorted(chosen, local, rows, row_ok, out_ptr, R, TOPK, TOPK_P2)
 
 
 @triton.jit
@@ -89,13 +146,16 @@ def _score_kernel(
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
-    GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
+    GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_items = tl.load(n_items_ptr)
     if GRID_ITEMS:
         chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_items // n_chunks, n_chunks, PAGE, BATCH_P2)
+    # Real keys of a chunk: at most its block count, and they fill the first slots of `top` (see below).
+    ks_eff = tl.minimum(chunk_blocks, KS)
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     kcol = tl.arange(0, KS)
@@ -127,7 +187,8 @@ def _score_kernel(
                     mask=row_ok[:, None], other=0.0)
         if IN_F32:
             q = q.to(tl.float32)
-        # Distinct sentinels, so that "the slot holding the row minimum" is always exactly one slot.
+        # Distinct sentinels, so that "the slot holding the row minimum" is always exactly one slot. They are
+        # replaced lowest first, so a chunk's real keys sit in its first slots (the compacted store relies on it).
         top = tl.full([BLOCK_M, KS], _NONE_KEY, tl.int64) + kcol[None, :]
         page_row = pt_ptr + b_ref.to(tl.int64) * stride_pt
         next_page = tl.load(page_row + j0, mask=j0 < j1, other=0)
@@ -151,44 +212,33 @@ def _score_kernel(
         if FINAL:
             _select_and_store(top, local, row, row_ok, out_ptr, BLOCK_M, TOPK, TOPK_P2)
         else:
-            off = (row.to(tl.int64)[:, None] * n_chunks + chunk) * KS + kcol[None, :]
-            tl.store(cand_ptr + off, top, mask=row_ok[:, None])
+            off = row.to(tl.int64)[:, None] * (n_chunks * KS) + chunk * ks_eff + kcol[None, :]
+            tl.store(cand_ptr + off, top, mask=row_ok[:, None] & (kcol < ks_eff)[None, :])
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_chunks", "chunk_blocks"])
 def _merge_kernel(
     cand_ptr, q_pos_ptr, out_ptr,
     n_rows, n_chunks, chunk_blocks,
-    H: tl.constexpr, PAGE: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, LP: tl.constexpr,
+    H: tl.constexpr, PAGE: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, W: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     if GRID_ITEMS:
         chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_rows // H, n_chunks, PAGE, BATCH_P2)
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
     row_ok = rows < n_rows
     local = tl.load(q_pos_ptr + rows // H, mask=row_ok, other=0) // PAGE
     used_chunks = (local + chunk_blocks - 1) // chunk_blocks  # chunks that hold this row's history
-    col = tl.arange(0, LP)
-    ok = row_ok[:, None] & ((col // KS)[None, :] < used_chunks[:, None]) & (col < n_chunks * KS)[None, :]
-    off = rows.to(tl.int64)[:, None] * (n_chunks * KS) + col[None, :]
-    keys = tl.load(cand_ptr + off, mask=ok, other=_NONE_KEY)
-    _select_and_store(keys, local, rows, row_ok, out_ptr, RB, TOPK, TOPK_P2)
+    n_valid = used_chunks * tl.minimum(chunk_blocks, KS)
+    _select_from_run(cand_ptr, n_chunks * KS, rows, row_ok, n_valid, local, out_ptr, RB, W, TOPK, TOPK_P2)
 
 
 def _batch_p2(work, plan) -> int:
     """BATCH_P2 matters only to graph-mode items; elsewhere a constant, so that the kernels do not compile a
     new variant for every batch size met while serving."""
     return triton.next_power_of_2(max(1, plan.batch_size)) if work.grid_items else 1
-
-
-def merge_width(candidates: int) -> int:
-    """Candidate keys per merge row, padded: LP is a constexpr, and every distinct value is a compile while
-    serving (~0.4 s each on an H100, measured in the agentic e2e run). 64, 256, 1024 (one warp; powers of 4
-    halve the variants for at most 2x masked lanes), then powers of 2 (long contexts, several warps)."""
-    lp = 64
-    while lp < min(candidates, MERGE_KEYS_PER_WARP):
-        lp *= 4
-    return max(lp, triton.next_power_of_2(candidates))
 
 
 def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
@@ -213,28 +263,23 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
         GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch_options(q_idx.device, plan.is_decode and plan.batch_size <= PDL_MAX_BATCH),
     )
 
 
-# Candidate keys per merge warp. The 15 selection passes are latency-bound max-reductions: inside one warp
-# they are shuffles only, across warps each pass adds shared-memory round trips and barriers (a 4-row,
-# 8-warp program took ~10 us for 470 candidates a row on an H100). So: one warp per row. Several rows per
-# warp serialize their reductions in one instruction stream: measured on an H100 (graph replay), 16 rows
-# of 64 keys in one warp took 30 us (decode B=1..32 at 8k), 2 rows of 512 keys 7.6 us, 4 of 256 10.6 us.
-MERGE_KEYS_PER_WARP = 1024
-MERGE_ROWS_PER_PROGRAM = 1
+# Keys per merge slice, one row per program and one warp: the selection's max-reductions are latency-bound,
+# inside one warp they are shuffles only, across warps each adds shared-memory round trips and barriers (a
+# 4-row, 8-warp program took ~10 us for 470 candidates a row on an H100). 512 keys = 16 per lane.
+MERGE_SLICE = 512
 
 
 def launch_merge(work, plan, out):
     n_rows = plan.num_tokens * work.heads
-    lp = merge_width(work.n_chunks * work.keep)
-    rb = max(1, min(MERGE_ROWS_PER_PROGRAM, MERGE_KEYS_PER_WARP // lp))
-    warps = max(1, min(8, rb * lp // MERGE_KEYS_PER_WARP))
-    _merge_kernel[(triton.cdiv(n_rows, rb),)](
+    _merge_kernel[(n_rows,)](
         work.candidates, plan.q_pos, out,
         n_rows, work.n_chunks, work.chunk_blocks,
-        H=work.heads, PAGE=128, KS=work.keep, RB=rb, LP=lp,
+        H=work.heads, PAGE=128, KS=work.keep, RB=1, W=MERGE_SLICE,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
-        num_warps=warps,
+        num_warps=1, **pdl_launch_options(out.device, plan.is_decode and plan.batch_size <= PDL_MAX_BATCH),
     )

@@ -50,6 +50,7 @@ from ._attn_common import (
     next_pow2,
     score_scale,
 )
+from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 
 @triton.jit(do_not_specialize=["stride_pb"])
@@ -60,7 +61,9 @@ def _decode_kernel(
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -125,7 +128,9 @@ def _decode_kernel(
 def _merge_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
@@ -222,8 +227,10 @@ def sparse_attention(
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
         FUSED_MERGE=fused_merge, num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
+        **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )
     if nsplit > 1 and not fused_merge:
         _merge_kernel[(pairs,)](part_o, part_lse, out, out.stride(0), out.stride(1),
-                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, num_warps=4)
+                                HKV=hkv, G=group, GPAD=gpad, D=dim, NSPLIT=nsplit, num_warps=4,
+                                **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH))
     return out

@@ -12,12 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
+
 COLUMNS = 256  # page-table columns written per loop step
 
 
 @triton.jit
 def _update_kernel(slots_ptr, stride_slots, rows_ptr, seq_src_ptr, pt_ptr, stride_pt, seq_ptr, q_pos_ptr, width,
-                   PAGE: tl.constexpr, BLOCK: tl.constexpr):
+                   PAGE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     row = tl.load(rows_ptr + b).to(tl.int64)
     n = tl.load(seq_src_ptr + b).to(tl.int32)
@@ -35,4 +38,5 @@ def update_from_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, q_pos: t
                       slot_table: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, page: int) -> None:
     batch, width = page_table.shape
     _update_kernel[(batch,)](slot_table, slot_table.stride(0), rows, lengths, page_table, page_table.stride(0),
-                             seq_lens, q_pos, width, PAGE=page, BLOCK=COLUMNS)
+                             seq_lens, q_pos, width, PAGE=page, BLOCK=COLUMNS,
+                             **pdl_launch_options(page_table.device, batch <= PDL_MAX_BATCH))
