@@ -184,6 +184,41 @@ def case_graph_decode_device_items():
     return results
 
 
+def case_graph_decode_shared_prefix():
+    # Graph-plan decode on shared prefixes: members of a group split each shared chunk's blocks and write
+    # per-block keys. Requests 0-5 share 40 blocks (more members than one sub-group of 16 // 4 = 4), request 6
+    # shares only the first 21 of them, requests 7-8 share another 30-block prefix, request 9 is private and
+    # short. Run with several chunk sizes (the step's chunk comes from the longest history).
+    import torch
+
+    from msa_kernels import graph_decode_plan, update_graph_decode_plan
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
+
+    heads, width = 4, 48
+    seqs = [5200, 5300, 5400, 5500, 5600, 6000, 5700, 4000, 4100, 700]
+    batch = len(seqs)
+    num_pages = batch * width + 64
+    results = []
+    for target in (40, 80, 160):
+        kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
+        pt = torch.randperm(num_pages)[: batch * width].view(batch, width).to(torch.int32)
+        pt[1:6, :40] = pt[0, :40]
+        pt[6, :21] = pt[0, :21]
+        pt[8, :30] = pt[7, :30]
+        gp = graph_decode_plan(batch, width, "cpu")
+        work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=target)
+        update_graph_decode_plan(gp, pt, torch.tensor(seqs))
+        q = torch.randn(batch, heads, 128).to(torch.float16)
+        work.candidates.fill_(2**62 + 12345)
+        out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
+        index_topk(gp, q, kc, out=out)
+        assert not bool((out == POISON).any())
+        results.append(check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out))
+    return results
+
+
 def case_merge_in_many_slices():
     # The merge keeps a running best over fixed slices of candidates; a 16-key slice makes every row's
     # candidates span several slices (later slices with few or no keys beating the running worst), in
