@@ -3,7 +3,7 @@
 The kernel benchmark (bench_msa.py) times whole layers. This splits one layer of the serving path (the
 m3serve plugin's graph plan: one plan-update launch, index scoring, the top-k merge, attention) into its
 launches, each timed alone in its own CUDA graph over rotated input sets, and also under torch.profiler
-(kernel durations without the gaps between launches). `--targets` sweeps the top-k work split (items
+(kernel durations without the gaps between launches, from eager calls). `--targets` sweeps the top-k work split (items
 wanted per batch), the knob that trades scoring parallelism against merge width.
 
     PYTHONPATH=kernels:python:benchmarks python3 benchmarks/kernels/profile_decode.py --out $OUT
@@ -71,21 +71,17 @@ def _stage_fns(inps: list[bm.Inputs], target: int | None, device: str) -> dict[s
 
 
 def _profile_kernels(fns: list, device: str) -> dict[str, float]:
-    """Mean device time per call of each kernel name in one replay of a graph of `fns`."""
+    """Mean device time per call of each kernel name over 5 eager rounds of `fns` (kernel durations only: the
+    gaps between launches are what the graph timings add)."""
     for f in fns:
         f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            g.replay()
+            for f in fns:
+                f()
         torch.cuda.synchronize()
     per: dict[str, float] = {}
     for ev in prof.key_averages():

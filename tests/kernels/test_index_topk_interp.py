@@ -46,6 +46,29 @@ def _both_paths(seq_lens, q_lens, heads, **kw):
     return [_run_selection(p, q_idx, kc, target_items=1), _run_selection(p2, q_idx, kc, target_items=64)]
 
 
+def _graph_decode_selection(seqs, page_table, heads, width, num_pages, target_items):
+    """Decode through a graph plan (static buffers updated by device copies, items computed in the kernel from
+    the lengths), fp16 keys and queries drawn fresh, poisoned candidates and output; returns (work, check)."""
+    import torch
+
+    from msa_kernels import graph_decode_plan, update_graph_decode_plan
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton._topk_testcases import check_selection
+    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
+
+    batch = len(seqs)
+    kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
+    gp = graph_decode_plan(batch, width, "cpu")
+    work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=target_items)
+    update_graph_decode_plan(gp, page_table, torch.tensor(seqs))
+    q = torch.randn(batch, heads, 128).to(torch.float16)
+    work.candidates.fill_(2**62 + 12345)
+    out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
+    index_topk(gp, q, kc, out=out)
+    assert not bool((out == POISON).any())
+    return work, check_selection(make_plan(page_table, seqs, num_pages=num_pages), q, kc, out)
+
+
 # ---- cases (run inside the interpreter subprocess) ---------------------------------------------------
 
 
@@ -156,11 +179,6 @@ def case_graph_decode_device_items():
     # longest the plan holds, and one request of few blocks beside long ones; chunks forced small.
     import torch
 
-    from msa_kernels import graph_decode_plan, update_graph_decode_plan
-    from msa_kernels import plan as make_plan
-    from msa_kernels.triton._topk_testcases import check_selection
-    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
-
     heads, width = 4, 30
     results = []
     # The last batch is short: the step's chunks shrink below the capture-time size.
@@ -168,19 +186,11 @@ def case_graph_decode_device_items():
                  [300, 129, 1, 700, 2, 1000]):
         batch = len(seqs)
         num_pages = batch * width + 5
-        kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
-        gp = graph_decode_plan(batch, width, "cpu")
-        work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=24)
-        assert work.grid_items and work.n_chunks > 1, (work.n_chunks, work.chunk_blocks)
         used = max(-(-s // 128) for s in seqs)
         pt = torch.randperm(num_pages)[: batch * used].view(batch, used).to(torch.int32)
-        update_graph_decode_plan(gp, pt, torch.tensor(seqs))
-        q = torch.randn(batch, heads, 128).to(torch.float16)
-        work.candidates.fill_(2**62 + 12345)
-        out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
-        index_topk(gp, q, kc, out=out)
-        assert not bool((out == POISON).any())
-        results.append(check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out))
+        work, res = _graph_decode_selection(seqs, pt, heads, width, num_pages, target_items=24)
+        assert work.grid_items and work.n_chunks > 1, (work.n_chunks, work.chunk_blocks)
+        results.append(res)
     return results
 
 
@@ -191,31 +201,16 @@ def case_graph_decode_shared_prefix():
     # short. Run with several chunk sizes (the step's chunk comes from the longest history).
     import torch
 
-    from msa_kernels import graph_decode_plan, update_graph_decode_plan
-    from msa_kernels import plan as make_plan
-    from msa_kernels.triton._topk_testcases import check_selection
-    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
-
     heads, width = 4, 48
     seqs = [5200, 5300, 5400, 5500, 5600, 6000, 5700, 4000, 4100, 700]
-    batch = len(seqs)
-    num_pages = batch * width + 64
+    num_pages = len(seqs) * width + 64
     results = []
     for target in (40, 80, 160):
-        kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
-        pt = torch.randperm(num_pages)[: batch * width].view(batch, width).to(torch.int32)
+        pt = torch.randperm(num_pages)[: len(seqs) * width].view(len(seqs), width).to(torch.int32)
         pt[1:6, :40] = pt[0, :40]
         pt[6, :21] = pt[0, :21]
         pt[8, :30] = pt[7, :30]
-        gp = graph_decode_plan(batch, width, "cpu")
-        work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=target)
-        update_graph_decode_plan(gp, pt, torch.tensor(seqs))
-        q = torch.randn(batch, heads, 128).to(torch.float16)
-        work.candidates.fill_(2**62 + 12345)
-        out = torch.full((batch, heads, 16), POISON, dtype=torch.int32)
-        index_topk(gp, q, kc, out=out)
-        assert not bool((out == POISON).any())
-        results.append(check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out))
+        results.append(_graph_decode_selection(seqs, pt, heads, width, num_pages, target_items=target)[1])
     return results
 
 
@@ -225,11 +220,7 @@ def case_merge_in_many_slices():
     # decode, extend and the graph plan's device items.
     import torch
 
-    from msa_kernels import graph_decode_plan, update_graph_decode_plan
-    from msa_kernels import plan as make_plan
     from msa_kernels.triton import _topk_kernels as tk
-    from msa_kernels.triton._topk_testcases import check_selection
-    from msa_kernels.triton.index_topk import index_topk, prepare_graph_decode_topk
 
     tk.MERGE_SLICE = 16
     res = _both_paths([7000, 5100, 2049], [1, 1, 1], heads=4)
@@ -237,17 +228,8 @@ def case_merge_in_many_slices():
     assert not res[1]["final"] and not res[3]["final"]
     seqs, heads, width = [7000, 130, 4500], 4, 60
     num_pages = len(seqs) * width
-    kc = torch.randn(num_pages * 128, 1, 128).to(torch.float16)
-    gp = graph_decode_plan(len(seqs), width, "cpu")
-    work = prepare_graph_decode_topk(gp, heads, num_pages, target_items=24)
     pt = torch.randperm(num_pages)[: len(seqs) * width].view(len(seqs), width).to(torch.int32)
-    update_graph_decode_plan(gp, pt, torch.tensor(seqs))
-    q = torch.randn(len(seqs), heads, 128).to(torch.float16)
-    work.candidates.fill_(2**62 + 12345)
-    out = torch.full((len(seqs), heads, 16), POISON, dtype=torch.int32)
-    index_topk(gp, q, kc, out=out)
-    assert not bool((out == POISON).any())
-    return res + [check_selection(make_plan(pt, seqs, num_pages=num_pages), q, kc, out)]
+    return res + [_graph_decode_selection(seqs, pt, heads, width, num_pages, target_items=24)[1]]
 
 
 def case_bad_inputs():
