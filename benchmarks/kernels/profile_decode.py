@@ -94,13 +94,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="0,64,128,512", help="top-k items wanted per batch (0: default)")
     ap.add_argument("--sets", type=int, default=8, help="rotated input sets per graph")
+    ap.add_argument("--cases", default="", help="BATCHxCONTEXT[s] list, s = shared prefix (default: the built-in set)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
     device = "cuda"
     rows = []
     print(f"{'case':<26}{'target':>7}{'chunks':>7}{'PDL':>5}{'update':>8}{'score':>8}{'merge':>8}{'attn':>8}"
           f"{'layer':>8}  kernels (profiler, us/call)", flush=True)
-    for batch, ctx, shared in CASES:
+    cases = CASES
+    if args.cases:
+        cases = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("s")), c.endswith("s")) for c in args.cases.split(",")]
+    for batch, ctx, shared in cases:
         sets = max(2, min(args.sets, bm.rotation_sets(bm.pool_bytes(batch, ctx, shared))))
         inps = [bm.build_inputs([ctx] * batch, [1] * batch, shared, device, seed=s) for s in range(sets)]
         for t in [int(v) for v in args.targets.split(",")]:

@@ -23,8 +23,9 @@ merge padded each row to a constexpr width, 64 / 256 / 1,024 / powers of 2: a co
 serving, and 15 full passes over mostly empty keys). Measured on an H200 (graph replay, batch 1, merge
 kernel alone): 7.3 -> 6.5 us at 60k (470 candidates, one slice), 9.4 -> 13 us at 256k (2,048 candidates:
 four slices, and random keys keep beating the running worst in later slices). A bitonic top-k per slice
-(tl.topk) measured slower still (8.1 / 27 us). Next: a cheap lower bound (the 15th best of per-lane maxima)
-to drop most keys of later slices before the insertion loop.
+(tl.topk) measured slower still (8.1 / 27 us). When a row spans several slices, a lower bound of its final
+selection (`_lower_bound`: the 15th largest of 32 group maxima) first drops most keys: H100, merge alone,
+256k 13.3 / 12.7 -> 11.9 / 11.6 us over two A/B rounds, 1M 18.0 / 17.7 -> 18.5 / 15.0 us, one slice unchanged.
 
 Selection output: the blocks of the best TOPK-1 keys and the local block, sorted by a 16-wide sort of the
 ids: ascending, -1 at the tail.
@@ -99,10 +100,31 @@ def _store_sorted(chosen, local, rows, row_ok, out_ptr, R: tl.constexpr, TOPK: t
 
 
 @triton.jit
+def _lower_bound(cand_ptr, base, row_ok, n_valid, longest,
+                 R: tl.constexpr, W: tl.constexpr, FOLD: tl.constexpr, TOPK: tl.constexpr):
+    """A key that each row's (TOPK-1)-th best candidate reaches: fold the row's candidates into FOLD groups,
+    take each group's maximum (FOLD distinct keys) and return the (TOPK-1)-th largest of those. Keys below it
+    can never be selected. Cheap: one pass over the slices and TOPK-1 reductions over FOLD keys."""
+    col = tl.arange(0, W)
+    gmax = tl.full([R, W], _NONE_KEY, tl.int64)
+    for s0 in range(0, longest, W):
+        c = s0 + col
+        keys = tl.load(cand_ptr + base + c[None, :], mask=row_ok[:, None] & (c[None, :] < n_valid[:, None]),
+                       other=_NONE_KEY)
+        gmax = tl.maximum(gmax, keys)
+    g = tl.max(tl.reshape(gmax, [R, W // FOLD, FOLD]), 1)
+    for _ in tl.static_range(TOPK - 2):
+        g = tl.where(g == tl.max(g, 1)[:, None], _NONE_KEY, g)
+    return tl.max(g, 1)
+
+
+@triton.jit
 def _select_from_run(cand_ptr, row_stride, rows, row_ok, n_valid, local, out_ptr,
-                     R: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr):
+                     R: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+                     FOLD: tl.constexpr):
     """Rows' real candidates are cand[row * row_stride + c] for c < n_valid[row]: keep a running best TOPK-1
-    over slices of W keys, then store the selection (see the module docstring)."""
+    over slices of W keys, then store the selection (see the module docstring). With FOLD > 0 and more than
+    one slice, keys below a lower bound of the final selection are dropped first (`_lower_bound`)."""
     tcol = tl.arange(0, TOPK_P2)
     col = tl.arange(0, W)
     # Distinct sentinels, so that "the slot holding the worst key" is exactly one slot.
@@ -110,12 +132,16 @@ def _select_from_run(cand_ptr, row_stride, rows, row_ok, n_valid, local, out_ptr
                    tl.full([R, TOPK_P2], _PINNED, tl.int64))
     base = rows.to(tl.int64)[:, None] * row_stride
     longest = tl.max(tl.where(row_ok, n_valid, 0), 0)
+    floor = tl.full([R], _VALID_MIN, tl.int64)
+    if FOLD > 0:
+        if longest > W:
+            floor = tl.maximum(floor, _lower_bound(cand_ptr, base, row_ok, n_valid, longest, R, W, FOLD, TOPK))
     for s0 in range(0, longest, W):
         c = s0 + col
         keys = tl.load(cand_ptr + base + c[None, :], mask=row_ok[:, None] & (c[None, :] < n_valid[:, None]),
                        other=_NONE_KEY)
         worst = tl.min(top, 1)
-        keys = tl.where((keys > worst[:, None]) & (keys > _VALID_MIN), keys, _NONE_KEY)
+        keys = tl.where((keys > worst[:, None]) & (keys >= floor[:, None]) & (keys > _VALID_MIN), keys, _NONE_KEY)
         best = tl.max(keys, 1)
         need = best > worst
         while tl.max(need.to(tl.int32), 0) > 0:
@@ -281,7 +307,7 @@ def _merge_kernel(
     n_rows, n_chunks, chunk_blocks,
     H: tl.constexpr, PAGE: tl.constexpr, KS: tl.constexpr, RB: tl.constexpr, W: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
-    PDL: tl.constexpr,
+    FOLD: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
     if GRID_ITEMS:
@@ -291,7 +317,7 @@ def _merge_kernel(
     local = tl.load(q_pos_ptr + rows // H, mask=row_ok, other=0) // PAGE
     used_chunks = (local + chunk_blocks - 1) // chunk_blocks  # chunks that hold this row's history
     n_valid = used_chunks * tl.minimum(chunk_blocks, KS)
-    _select_from_run(cand_ptr, n_chunks * KS, rows, row_ok, n_valid, local, out_ptr, RB, W, TOPK, TOPK_P2)
+    _select_from_run(cand_ptr, n_chunks * KS, rows, row_ok, n_valid, local, out_ptr, RB, W, TOPK, TOPK_P2, FOLD)
 
 
 def _batch_p2(work, plan) -> int:
@@ -333,12 +359,21 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
 MERGE_SLICE = 512
 
 
+def merge_fold(width: int, topk: int) -> int:
+    """Groups of the merge's lower bound (0: off): up to 32 (one per lane of a 512-key slice), and at least the
+    TOPK-1 it selects, or the bound would not bound anything. MSA_MERGE_BOUND=0 turns it off (A/B)."""
+    fold = min(32, width)
+    if topk < 2 or fold < topk - 1 or os.environ.get("MSA_MERGE_BOUND", "1") == "0":
+        return 0
+    return fold
+
+
 def launch_merge(work, plan, out):
     n_rows = plan.num_tokens * work.heads
     _merge_kernel[(n_rows,)](
         work.candidates, plan.q_pos, out,
         n_rows, work.n_chunks, work.chunk_blocks,
-        H=work.heads, PAGE=128, KS=work.keep, RB=1, W=MERGE_SLICE,
+        H=work.heads, PAGE=128, KS=work.keep, RB=1, W=MERGE_SLICE, FOLD=merge_fold(MERGE_SLICE, plan.topk),
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         num_warps=1, **pdl_launch_options(out.device, plan.is_decode and plan.batch_size <= PDL_MAX_BATCH),
