@@ -201,11 +201,12 @@ def case_graph_decode_shared_prefix():
     # short. Run with several chunk sizes (the step's chunk comes from the longest history).
     import torch
 
-    heads, width = 4, 48
+    # 1 and 2 index heads (the per-GPU splits of tensor parallelism) make sub-groups of 16 and 8 requests.
+    width = 48
     seqs = [5200, 5300, 5400, 5500, 5600, 6000, 5700, 4000, 4100, 700]
     num_pages = len(seqs) * width + 64
     results = []
-    for target in (40, 80, 160):
+    for heads, target in ((4, 40), (4, 80), (4, 160), (2, 80), (1, 80)):
         pt = torch.randperm(num_pages)[: len(seqs) * width].view(len(seqs), width).to(torch.int32)
         pt[1:6, :40] = pt[0, :40]
         pt[6, :21] = pt[0, :21]
