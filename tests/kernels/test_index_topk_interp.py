@@ -119,6 +119,8 @@ def case_fp8_index_k():
 
     res = _both_paths([3100, 260], [1, 1], heads=4, k_dtype=torch.float8_e4m3fn)
     res += _both_paths([2300], [45], heads=2, k_dtype=torch.float8_e4m3fn)
+    # bf16 queries on fp8 keys: the products run in fp16 (fp8_in_f16), exact for both operands
+    res += _both_paths([2600, 200], [1, 30], heads=4, q_dtype=torch.bfloat16, k_dtype=torch.float8_e4m3fn)
     return res
 
 

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attn_common import fp8_in_f16
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 _NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
@@ -200,7 +201,7 @@ def _graph_item_rows(pt_ptr, stride_pt, q_pos_ptr, n_req, b_ref, j0, j1, chunk_b
         shared = (chunk_blocks <= KS) & mine_full & (g > 1)
         rank = tl.sum((member & (bb < b_ref)).to(tl.int32), 0)
         sg0 = (rank // PER) * PER  # first rank of this member's sub-group
-        gs = tl.minimum(PER, g - sg0)
+        gs = tl.maximum(tl.minimum(PER, g - sg0), 1)  # >= 1 also where unshared (where() evaluates both)
         m = rank - sg0
         pos = tl.cumsum(member.to(tl.int32), 0) - 1  # rank of every member
         mi = r // H
@@ -224,7 +225,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
-    FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr,
+    FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr, F16_FOR_FP8: tl.constexpr,
     GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr, SHARE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
@@ -270,6 +271,9 @@ def _score_kernel(
                     mask=row_ok[:, None], other=0.0)
         if IN_F32:
             q = q.to(tl.float32)
+        if F16_FOR_FP8:
+            # fp8 keys widen to fp16 in one exact conversion (see _attn_common.fp8_in_f16).
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         # Distinct sentinels, so that "the slot holding the row minimum" is always exactly one slot. They are
         # replaced lowest first, so a chunk's real keys sit in its first slots (the compacted store relies on it).
         top = tl.full([BLOCK_M, KS], _NONE_KEY, tl.int64) + kcol[None, :]
@@ -281,7 +285,9 @@ def _score_kernel(
             slot0 = next_page.to(tl.int64) * PAGE
             next_page = tl.load(page_row + j + 1, mask=j + 1 < jj1, other=0)
             kt = tl.load(kc_ptr + (slot0 + tok)[None, :] * stride_ks + d[:, None])  # [D, PAGE]
-            if K_NEEDS_CAST:
+            if F16_FOR_FP8:
+                kt = kt.to(tl.float16)
+            elif K_NEEDS_CAST:
                 kt = kt.to(tl.float32).to(q.dtype)
             if IN_F32:
                 s = tl.dot(q, kt, input_precision="ieee")
@@ -329,7 +335,8 @@ def _batch_p2(work, plan) -> int:
 def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
     # The dot runs in q's dtype when the keys convert to it exactly (same dtype, or fp8 keys: e4m3 values
     # are exact in bf16 and fp16); otherwise (bf16 q with fp16 keys, fp32 anywhere) both go to fp32 and the
-    # dot runs in full fp32 precision, so no key loses bits before the product.
+    # dot runs in full fp32 precision, so no key loses bits before the product. bf16 queries on fp8 keys run in
+    # fp16 instead (`fp8_in_f16`: one exact widening per key, not two through fp32).
     exact_in_q = index_k_cache.dtype == q_idx.dtype or (
         index_k_cache.dtype == torch.float8_e4m3fn and q_idx.dtype in (torch.bfloat16, torch.float16))
     in_f32 = not exact_in_q or q_idx.dtype == torch.float32
@@ -346,6 +353,7 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         BLOCK_M=work.block_m, KS=work.keep,
         TOPK=plan.topk, TOPK_P2=triton.next_power_of_2(plan.topk),
         FINAL=work.final, K_NEEDS_CAST=index_k_cache.dtype != q_idx.dtype, IN_F32=in_f32,
+        F16_FOR_FP8=fp8_in_f16(q_idx, index_k_cache, "index"),
         GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         SHARE=work.grid_items and _batch_p2(work, plan) > 1 and os.environ.get("MSA_GRAPH_SHARE", "1") != "0",
         num_warps=num_warps, num_stages=num_stages,

@@ -45,6 +45,7 @@ from ._attn_common import (
     NEG_BIG,
     cdiv,
     check_attention_inputs,
+    fp8_in_f16,
     is_fp8,
     merge_partials,
     next_pow2,
@@ -61,7 +62,7 @@ def _decode_kernel(
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    PDL: tl.constexpr,
+    F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
@@ -77,6 +78,10 @@ def _decode_kernel(
         mask=(rows < G)[:, None],
         other=0.0,
     )
+    if F16_FOR_FP8:
+        # fp8 K/V with products in fp16 (MSA_FP8_F16=both): one exact conversion per e4m3 value; q is clamped
+        # into fp16's range, within which bf16 -> fp16 loses nothing.
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
     UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
     m_i = tl.full([GPAD], NEG_BIG, tl.float32)
@@ -226,7 +231,7 @@ def sparse_attention(
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        FUSED_MERGE=fused_merge, num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
+        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )
     if nsplit > 1 and not fused_merge:
