@@ -1246,6 +1246,7 @@ def environment(args: argparse.Namespace) -> dict:
     else:
         env["card"] = "cpu"
     env["ours_source_sha1"] = source_digest(ROOT / "kernels" / "msa_kernels")
+    env["msa_switches"] = {k: v for k, v in os.environ.items() if k.startswith("MSA_")}  # A/B settings of the run
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)

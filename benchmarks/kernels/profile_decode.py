@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--sets", type=int, default=8, help="rotated input sets per graph")
     ap.add_argument("--cases", default="", help="BATCHxCONTEXT[s] list, s = shared prefix (default: the built-in set)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--stages", default="update,score,merge,attn,layer,profile",
+                    help="stages to time; profile = torch.profiler kernel times of the layer")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (several runs in one call)")
     args = ap.parse_args()
     device = "cuda"
     rows = []
@@ -110,8 +113,9 @@ def main() -> None:
         for t in [int(v) for v in args.targets.split(",")]:
             st = _stage_fns(inps, t or None, device)
             meta = st.pop("_meta")[0]
-            us = {k: bm.time_graph(v, device)["us"] for k, v in st.items()}
-            kern = _profile_kernels(st["layer"], device)
+            wanted = args.stages.split(",")
+            us = {k: (bm.time_graph(v, device)["us"] if k in wanted else float("nan")) for k, v in st.items()}
+            kern = _profile_kernels(st["layer"], device) if "profile" in wanted else {}
             name = f"B={batch} N={ctx}{' shared' if shared else ''}"
             row = {"case": name, "target": t, **meta, **{f"{k}_us": v for k, v in us.items()}, "kernels": kern}
             rows.append(row)
@@ -121,8 +125,10 @@ def main() -> None:
         del inps
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_decode.json").write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    name = f"profile_decode{'_' + args.tag if args.tag else ''}.json"
+    env = {k: v for k, v in os.environ.items() if k.startswith("MSA_")}
+    (Path(args.out) / name).write_text(json.dumps(
+        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "env": env, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
