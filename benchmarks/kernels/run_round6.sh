@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 6 device call (issue 3): GPU tests of the decode kernels, and the A/B of fp16 products for fp8 caches
 # (MSA_FP8_F16 = none | index | both, bench_msa --only fp8). Usage on the device machine, from the repository root:
-#   bash benchmarks/kernels/run_round6.sh [check,fp8]
+#   bash benchmarks/kernels/run_round6.sh [check,fp8,tune]
 # Everything lands in $OUT/r6 and is packed into $OUT/r6.tgz at exit (the device tool returns at most 8 files).
 # The round's dropped decode-fusion attempts were measured with profile_decode.py from uncommitted code; see
 # benchmarks/results/msa_kernels_r6_notes.md.
@@ -11,7 +11,7 @@ OUT=$FINAL/r6
 mkdir -p "$OUT"
 trap 'tar czf "$FINAL/r6.tgz" -C "$FINAL" r6 && rm -rf "$OUT"' EXIT
 export PYTHONPATH=kernels:python:benchmarks
-STEPS=${1:-check,fp8}
+STEPS=${1:-check,fp8,tune}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 if has check; then
@@ -24,4 +24,16 @@ if has fp8; then
       --out "$OUT/bench" > "$OUT/bench_fp8_$c.log" 2>&1
     echo "MSA_FP8_F16=$c"; grep -A3 "fp8 speedup" "$OUT/bench"/*r6_fp8_$c*.md | tail -2
   done
+fi
+if has tune; then
+  # Decode at B=1-8 (graph plan as served): attention splits. The round also measured MSA_GRAPH_ROWS=32/64 (rows
+  # per scoring item on shared prefixes, a knob since removed): no gain (profile_decode_h200_r6_tune.json).
+  for v in MSA_NONE=1 MSA_DECODE_NSPLIT=8 MSA_DECODE_NSPLIT=2; do
+    echo "== $v"
+    env "$v" python3 benchmarks/kernels/profile_decode.py --cases 8x60000s,8x60000,4x60000s,1x60000 --targets 0 \
+      --stages score,merge,attn,layer --tag "r6_${v//=/_}" --out "$OUT" 2>&1 | grep -v -i warn | tail -4
+  done
+  python3 benchmarks/kernels/bench_msa.py --only decode --match "N=60000" --budget-s 90 --tag r6_decode \
+    --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
+  grep -A12 "## Decode as served" "$OUT/bench"/*r6_decode*.md | grep "^| decode" | cut -c1-150
 fi
