@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 6 device call (issue 3): GPU tests of the decode kernels, and the A/B of fp16 products for fp8 caches
 # (MSA_FP8_F16 = none | index | both, bench_msa --only fp8). Usage on the device machine, from the repository root:
-#   bash benchmarks/kernels/run_round6.sh [check,fp8,tune]
+#   bash benchmarks/kernels/run_round6.sh [check,fp8,tune,eager]
 # Everything lands in $OUT/r6 and is packed into $OUT/r6.tgz at exit (the device tool returns at most 8 files).
 # The round's dropped decode-fusion attempts were measured with profile_decode.py from uncommitted code; see
 # benchmarks/results/msa_kernels_r6_notes.md.
@@ -36,4 +36,12 @@ if has tune; then
   python3 benchmarks/kernels/bench_msa.py --only decode --match "N=60000" --budget-s 90 --tag r6_decode \
     --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
   grep -A12 "## Decode as served" "$OUT/bench"/*r6_decode*.md | grep "^| decode" | cut -c1-150
+fi
+if has eager; then
+  # Extend and prefill re-timed with the GPU head start in time_eager (us_cold keeps the previous method).
+  for sec in extend prefill; do
+    python3 benchmarks/kernels/bench_msa.py --only $sec --budget-s 200 --tag r6_$sec --out "$OUT/bench" \
+      > "$OUT/bench_$sec.log" 2>&1
+    sed -n '/## Summary/,/^$/p;/## Summary/,/##/p' "$OUT/bench"/*r6_$sec.md | grep "^| extend\|^| prefill" | cut -c1-120
+  done
 fi
