@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Round 6 device call (issue 3): GPU tests of the decode kernels, and the A/B of fp16 products for fp8 caches
 # (MSA_FP8_F16 = none | index | both, bench_msa --only fp8). Usage on the device machine, from the repository root:
-#   bash benchmarks/kernels/run_round6.sh [check,fp8,tune,eager]
+#   bash benchmarks/kernels/run_round6.sh [check,fp8,tune,eager,direct]
 # Everything lands in $OUT/r6 and is packed into $OUT/r6.tgz at exit (the device tool returns at most 8 files).
 # The round's dropped decode-fusion attempts were measured with profile_decode.py from uncommitted code; see
 # benchmarks/results/msa_kernels_r6_notes.md.
@@ -43,5 +43,21 @@ if has eager; then
     python3 benchmarks/kernels/bench_msa.py --only $sec --budget-s 200 --tag r6_$sec --out "$OUT/bench" \
       > "$OUT/bench_$sec.log" 2>&1
     sed -n '/## Summary/,/^$/p;/## Summary/,/##/p' "$OUT/bench"/*r6_$sec.md | grep "^| extend\|^| prefill" | cut -c1-120
+  done
+fi
+if has direct; then
+  # Single-slice merge picks the best 15 directly (MSA_MERGE_DIRECT=1, default) vs the running best (=0).
+  python3 -m pytest -q -m gpu tests/kernels/test_index_topk_gpu.py > "$OUT/gpu_tests_direct.log" 2>&1
+  tail -1 "$OUT/gpu_tests_direct.log"
+  for d in 1 0; do
+    for c in decode_b1_60k decode_b8_shared_60k extend_b1_overlap extend_b1_random; do
+      MSA_MERGE_DIRECT=$d python3 benchmarks/kernels/ncu_targets.py $c --profile 2>&1 | grep "us/layer" \
+        | sed "s/^/direct=$d /" | tee -a "$OUT/kernel_times_direct.txt" | grep -i "merge"
+    done
+    MSA_MERGE_DIRECT=$d python3 benchmarks/kernels/profile_decode.py --cases 1x60000,8x60000s,1x262144 --targets 0 \
+      --stages merge,layer --tag "r6_direct$d" --out "$OUT" 2>&1 | grep -v -i warn | tail -3
+    MSA_MERGE_DIRECT=$d python3 benchmarks/kernels/bench_msa.py --only extend --match "B=1 " --budget-s 100 \
+      --tag "r6_extend_direct$d" --out "$OUT/bench" > "$OUT/bench_extend_direct$d.log" 2>&1
+    grep "^| extend B=1" "$OUT/bench"/*r6_extend_direct$d.md | head -2 | cut -c1-110
   done
 fi
