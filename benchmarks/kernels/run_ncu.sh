@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles of the MSA kernels at M3 shapes (one device call). Writes $OUT/ncu.tgz.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=$FINAL/ncu
-mkdir -p "$OUT"
-trap 'tar czf "$FINAL/ncu.tgz" -C "$FINAL" ncu && rm -rf "$OUT"' EXIT
-export PYTHONPATH=kernels:python:benchmarks
+source "$(dirname "$0")/device_out.sh"
+device_out ncu
 SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
 prof() {  # case, kernel regex, launches to skip
   ncu --clock-control none --kernel-name "regex:$2" --launch-skip "$3" --launch-count 1 $SECTIONS \

@@ -6,11 +6,8 @@
 # The round's dropped decode-fusion attempts were measured with profile_decode.py from uncommitted code; see
 # benchmarks/results/msa_kernels_r6_notes.md.
 set -u
-FINAL=${OUT:-/tmp/out}
-OUT=$FINAL/r6
-mkdir -p "$OUT"
-trap 'tar czf "$FINAL/r6.tgz" -C "$FINAL" r6 && rm -rf "$OUT"' EXIT
-export PYTHONPATH=kernels:python:benchmarks
+source "$(dirname "$0")/device_out.sh"
+device_out r6
 STEPS=${1:-check,fp8,tune}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
