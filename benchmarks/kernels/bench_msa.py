@@ -1263,7 +1263,7 @@ def environment(args: argparse.Namespace) -> dict:
     else:
         env["card"] = "cpu"
     env["ours_source_sha1"] = source_digest(ROOT / "kernels" / "msa_kernels")
-    env["msa_switches"] = {k: v for k, v in os.environ.items() if k.startswith("MSA_")}  # A/B settings of the run
+    env["msa_switches"] = msa_switches()
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
@@ -1274,6 +1274,11 @@ def environment(args: argparse.Namespace) -> dict:
     except Exception:  # noqa: BLE001 - the device copy may have no .git
         env["git_head"] = None
     return env
+
+
+def msa_switches() -> dict[str, str]:
+    """The MSA_* environment switches of this run (the A/B settings its numbers belong to)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MSA_")}
 
 
 def source_digest(folder: Path) -> str:

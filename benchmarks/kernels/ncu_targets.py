@@ -45,6 +45,7 @@ def main() -> None:
         rows = torch.arange(plan.batch_size, device="cuda")
         msa.update_graph_decode_plan_from_slots(gp, x.req_to_token, rows, plan.seq_lens)
         plan = gp
+
     def layer():
         sel = ops.index_topk(plan, x.q_idx, x.idx_k_cache)
         ops.sparse_attention(plan, x.q, x.k_cache, x.v_cache, sel, None, x.k_scale, x.v_scale)

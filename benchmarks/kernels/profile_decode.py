@@ -126,9 +126,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = f"profile_decode{'_' + args.tag if args.tag else ''}.json"
-    env = {k: v for k, v in os.environ.items() if k.startswith("MSA_")}
     (Path(args.out) / name).write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "env": env, "rows": rows}, indent=1))
+        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "env": bm.msa_switches(), "rows": rows},
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -90,16 +90,23 @@ def is_fp8(cache: torch.Tensor) -> bool:
 
 
 def fp8_in_f16(q: torch.Tensor, cache: torch.Tensor, use: str) -> bool:
-    """Run the products of a bf16 q against an fp8 cache in fp16 (q clamped to fp16's range), not bf16: e4m3
-    widens to fp16 in one conversion and exactly. `use` is "index" (index scoring) or "attn" (attention).
+    """Run the products of a bf16 q against an fp8 cache in fp16 (`to_f16_clamped`), not bf16: e4m3 widens to
+    fp16 in one conversion and exactly. `use` is "index" (index scoring) or "attn" (attention).
 
-    Measured with bench_msa --only fp8 (B=32 at 60k, fp8 K/V and index-K, one call per setting, round 6):
-    H200, fp16 for both vs none: index scoring 82.8 -> 72.5 us, attention 37.6 -> 43.2 us; H100, fp16 for index
-    scoring vs none: 95.7 -> 94.6 us. Hence fp16 for index scoring only. MSA_FP8_F16 = index (default) | both |
-    none (A/B benchmarks)."""
+    Measured with bench_msa --only fp8 (B=32 at 60k, fp8 K/V and index-K, round 6, settings in one call): H100,
+    index scoring 97.1 -> 95.5 us with fp16 there; attention 39.0 -> 46.0 us with fp16 there too. H200: index
+    scoring 82.8 -> 72.5 us, attention 37.6 -> 43.2 us. Hence fp16 for index scoring only.
+    MSA_FP8_F16 = index (default) | both | none (A/B benchmarks)."""
     mode = os.environ.get("MSA_FP8_F16", "index")
-    wanted = mode == "both" or mode == use
-    return wanted and is_fp8(cache) and q.dtype == torch.bfloat16
+    if mode not in ("index", "both", "none"):
+        raise MSAInputError(f"MSA_FP8_F16 must be index, both or none, got {mode!r}")
+    return (mode == "both" or mode == use) and is_fp8(cache) and q.dtype == torch.bfloat16
+
+
+@triton.jit
+def to_f16_clamped(x):
+    """x in fp16 for products against fp8 values: clamped into fp16's range, within which bf16 -> fp16 is exact."""
+    return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_common import fp8_in_f16
+from ._attn_common import fp8_in_f16, to_f16_clamped
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 _NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
@@ -293,9 +293,8 @@ def _score_kernel(
                     mask=row_ok[:, None], other=0.0)
         if IN_F32:
             q = q.to(tl.float32)
-        if F16_FOR_FP8:
-            # fp8 keys widen to fp16 in one exact conversion (see _attn_common.fp8_in_f16).
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        if F16_FOR_FP8:  # fp8 keys widen to fp16 in one exact conversion (see _attn_common.fp8_in_f16)
+            q = to_f16_clamped(q)
         # Distinct sentinels, so that "the slot holding the row minimum" is always exactly one slot. They are
         # replaced lowest first, so a chunk's real keys sit in its first slots (the compacted store relies on it).
         top = tl.full([BLOCK_M, KS], _NONE_KEY, tl.int64) + kcol[None, :]

@@ -50,6 +50,7 @@ from ._attn_common import (
     merge_partials,
     next_pow2,
     score_scale,
+    to_f16_clamped,
 )
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
@@ -78,10 +79,8 @@ def _decode_kernel(
         mask=(rows < G)[:, None],
         other=0.0,
     )
-    if F16_FOR_FP8:
-        # fp8 K/V with products in fp16 (MSA_FP8_F16=both): one exact conversion per e4m3 value; q is clamped
-        # into fp16's range, within which bf16 -> fp16 loses nothing.
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    if F16_FOR_FP8:  # fp8 K/V with the products in fp16 (MSA_FP8_F16=both; see fp8_in_f16)
+        q = to_f16_clamped(q)
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
     UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
     m_i = tl.full([GPAD], NEG_BIG, tl.float32)
@@ -231,7 +230,8 @@ def sparse_attention(
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
+        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), num_warps=4,
+        num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )
     if nsplit > 1 and not fused_merge:
