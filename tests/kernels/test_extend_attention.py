@@ -15,17 +15,20 @@ import pytest
 import torch
 from interpreter_child import interpreter_report as run_interpreter_child
 
-# name -> (seq_lens, q_lens, q heads, kv heads, head dim, cache dtype, style, union_max, wide pass)
+# name -> (seq_lens, q_lens, q heads, kv heads, head dim, cache dtype, style, union_max, wide pass, TMA loads)
 CASES = {
-    "mixed_lengths_hybrid": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None),
-    "mixed_lengths_union_walk_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 10**9, None),
-    "mixed_lengths_query_pass_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", -1, None),
-    "high_overlap_kv_major_only": ([2500, 300], [24, 9], 16, 1, 64, None, "recent", -1, "kv_major"),
-    "group4_two_kv_heads_d128": ([3000, 2500], [5, 9], 8, 2, 128, None, "random", 20, None),
-    "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major"),
-    "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None),
-    "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None),
-    "half_block_steps": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None),  # MSA_EXTEND_KSUB=64
+    "mixed_lengths_hybrid": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, True),
+    "mixed_lengths_union_walk_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 10**9, None, True),
+    "mixed_lengths_query_pass_only": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", -1, None, True),
+    "high_overlap_kv_major_only": ([2500, 300], [24, 9], 16, 1, 64, None, "recent", -1, "kv_major", True),
+    "group4_two_kv_heads_d128": ([3000, 2500], [5, 9], 8, 2, 128, None, "random", 20, None, True),
+    "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major", True),
+    "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None, True),
+    "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),
+    "half_block_steps": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None, True),  # MSA_EXTEND_KSUB=64
+    # the gathered (pointer) loads that TMA replaces on whole pages, kept for caches TMA cannot address
+    "mixed_lengths_gather_loads": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, False),
+    "fp8_cache_gather_loads": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, False),
 }
 BOUND = 2e-3  # fp16 q/k/v, fp32 accumulation (fp16 partials in the KV-major pass)
 
@@ -35,14 +38,14 @@ def _run_case(name: str) -> float:
     from msa_kernels.triton import extend_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
 
-    seqs, qls, hq, hkv, dim, cache, style, union_max, wide_pass = CASES[name]
+    seqs, qls, hq, hkv, dim, cache, style, union_max, wide_pass, tma = CASES[name]
     c = build_case(seqs, qls, hq, hkv, dim=dim, dtype=torch.float16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     out = torch.full_like(c.q, float("nan"))
     if name == "half_block_steps":
         os.environ["MSA_EXTEND_KSUB"] = "64"
     extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale,
-                                      out=out, union_max=union_max, wide_pass=wide_pass)
+                                      out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
     os.environ.pop("MSA_EXTEND_KSUB", None)
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
@@ -77,6 +80,22 @@ def test_extend_rejects_bad_inputs() -> None:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, out=c.q[:, :8])
 
 
+def test_tma_descriptors_only_for_addressable_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from msa_kernels import MSAInputError
+    from msa_kernels.triton._attn_common import kv_descriptors
+
+    k = torch.randn(256, 2, 64, dtype=torch.float16)
+    assert kv_descriptors(k, k, 64, True) is not None
+    assert kv_descriptors(k, k, 64, False) is None
+    packed = torch.randn(256, 2, 2, 64, dtype=torch.float16)[:, :, 0]  # heads not adjacent: no 2D tile view
+    assert kv_descriptors(packed, packed, 64, True) is None
+    monkeypatch.setenv("MSA_TMA", "0")
+    assert kv_descriptors(k, k, 64, None) is None
+    monkeypatch.setenv("MSA_TMA", "yes")
+    with pytest.raises(MSAInputError, match="MSA_TMA"):
+        kv_descriptors(k, k, 64, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads", [(64, 4), (16, 1), (8, 1)])
@@ -91,11 +110,13 @@ def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, st
     c = build_case([61952, 1000, 300], [2048, 1000, 17], hq, hkv, dtype=torch.bfloat16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style, device="cuda")
     ref = gathered_reference(c)
-    for union_max, wide_pass in ((None, None), (-1, "query"), (-1, "kv_major"), (10**9, None)):
+    settings = [(None, None, True), (None, None, False), (-1, "query", True), (-1, "kv_major", True),
+                (10**9, None, True)]
+    for union_max, wide_pass, tma in settings:
         out = torch.full_like(c.q, float("nan"))
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
-                                          c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass)
-        assert rel_error(out, ref) < 1e-2, (union_max, wide_pass)
+                                          c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
+        assert rel_error(out, ref) < 1e-2, (union_max, wide_pass, tma)
 
 
 if __name__ == "__main__" and "--child" in sys.argv:

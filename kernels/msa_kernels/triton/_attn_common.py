@@ -109,6 +109,37 @@ def to_f16_clamped(x):
     return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
+def kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, use: bool | None) -> tuple | None:
+    """Tensor-memory-accelerator (TMA) descriptors for loading [rows, D] tiles of one KV head from the paged
+    K/V caches, or None where the caller must gather with pointer loads instead.
+
+    A page is BLOCK_SIZE consecutive slots, so the keys of one KV head in a page are a strided 2D tile of the
+    cache seen as [slots, Hkv * D]: exactly what a TMA load fetches with one instruction, asynchronously and
+    without a register per address (the gathered loads need one per element row). It needs the cache's last
+    two dimensions contiguous and 16-byte aligned rows and base. `use`: True/False force it (False always
+    wins; True still falls back when the layout does not allow it), None reads MSA_TMA (default 1)."""
+    if use is None:
+        flag = os.environ.get("MSA_TMA", "1")
+        if flag not in ("0", "1"):
+            raise MSAInputError(f"MSA_TMA must be 0 or 1, got {flag!r}")
+        use = flag == "1"
+    if not use:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side descriptors
+        return None
+    descs = []
+    for cache in (k_cache, v_cache):
+        slots, hkv, dim = cache.shape
+        row_bytes = cache.stride(0) * cache.element_size()
+        if cache.stride(2) != 1 or cache.stride(1) != dim or row_bytes % 16 or cache.data_ptr() % 16:
+            return None
+        flat = cache.as_strided((slots, hkv * dim), (cache.stride(0), 1))
+        descs.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim]))
+    return tuple(descs)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
-from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, next_pow2, score_scale
+from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, kv_descriptors, next_pow2, score_scale
 from ._attn_kvmajor import kv_major_pass
 
 _ROWS = 128  # MMA rows per tile: queries x heads of one KV group
@@ -81,13 +81,13 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 @triton.jit(do_not_specialize=["stride_pb", "union_max"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
-    union_ptr, bits_ptr, pages_ptr, wide_ptr, gate_wide_ptr, gate_tile_of_ptr, out_ptr,
+    union_ptr, bits_ptr, pages_ptr, wide_ptr, gate_wide_ptr, gate_tile_of_ptr, out_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
     stride_ot, stride_oh,
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
-    KSUB: tl.constexpr,
+    KSUB: tl.constexpr, TMA: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -151,6 +151,8 @@ def _extend_kernel(
     acc = tl.zeros([M, D], tl.float32)
     k_base = k_ptr + kvh * stride_kh + cols[None, :]
     v_base = v_ptr + kvh * stride_vh + cols[None, :]
+    # The first loop's blocks are whole pages a request wrote, so with TMA (k_desc/v_desc) each step is one
+    # bulk copy; the second loop keeps masked gathers: slots past a sequence's end may hold anything (NaN).
     # Each block is walked in KSUB-key steps: 64 for the 128-row union pass (4 warps; 21% faster than 128
     # keys / 8 warps on an H100, see _launch), 128 for the 16-row query-major wide pass. ptxas reports
     # 255 registers either way (spills: ~450 B per thread at KSUB 128 / 8 warps, ~80 B at 64 / 8 warps).
@@ -159,9 +161,14 @@ def _extend_kernel(
     for it in range(0, n_full * SPB):
         i = it // SPB
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
-        slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + (it % SPB) * KSUB + nk
-        k = tl.load(k_base + slot[:, None] * stride_ks)
-        v = tl.load(v_base + slot[:, None] * stride_vs)
+        if TMA:  # whole, written pages: one bulk tensor copy per tile (see _attn_common.kv_descriptors)
+            slot0 = tl.load(pages_ptr + scratch + i) * BLOCK + (it % SPB) * KSUB
+            k = k_desc.load([slot0, kvh * D])
+            v = v_desc.load([slot0, kvh * D])
+        else:
+            slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + (it % SPB) * KSUB + nk
+            k = tl.load(k_base + slot[:, None] * stride_ks)
+            v = tl.load(v_base + slot[:, None] * stride_vs)
         m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
     for it in range(n_full * SPB, n_all * SPB):
         i = it // SPB
@@ -218,13 +225,15 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     union_max: int | None = None,
     wide_pass: str | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """Extend/prefill attention: q [T, Hq, D] (the plan's new tokens), selected [T, Hkv, topk] -> [T, Hq, D].
 
     `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `union_max` sets
     the union width above which a tile goes to the wide pass (default UNION_MAX, env MSA_EXTEND_UNION_MAX;
     -1 sends every tile there, a huge value none); `wide_pass` picks it: "query" (default, env
-    MSA_EXTEND_WIDE_PASS) or "kv_major"."""
+    MSA_EXTEND_WIDE_PASS) or "kv_major". `tma` loads whole pages with TMA (default: env MSA_TMA, on; see
+    `_attn_common.kv_descriptors`)."""
     hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
@@ -245,16 +254,16 @@ def sparse_attention(
         raise MSAInputError(f"wide_pass must be 'query' or 'kv_major', got {wide_pass!r}")
     qk_scale = score_scale(scale, dim, k_scale, is_fp8(k_cache))
     v_mult = float(v_scale) if is_fp8(k_cache) else 1.0
-    wide, tile_of = _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, None)
+    wide, tile_of = _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, None, tma)
     if union_max < qg * topk:  # some tile may be too wide for the union walk
         if wide_pass == "kv_major":
             kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale, v_mult, qg)
         else:  # query-major: one query per tile, its own <= 16 blocks, only for the wide tiles' queries
-            _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, 1, 1 << 30, (wide, tile_of))
+            _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, 1, 1 << 30, (wide, tile_of), tma)
     return out
 
 
-def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, gate):
+def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, gate, tma):
     """One union-walk launch over tiles of qg queries. Returns (wide flags per tile and KV head, tile of each
     token). With `gate` = (wide, tile_of) of an earlier coarser launch, only that launch's wide tiles'
     queries are served."""
@@ -276,18 +285,27 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us; the query-major wide
     # pass (M = 16) was best at its old setting (KSUB 128, 4 warps: 1.36 ms; 2 warps 1.37, 8 warps 1.60,
     # KSUB 32 1.78 ms on random selections).
+    # TMA, round 7 (H200, same inputs, attention kernel time per layer): the union pass 467 us gathered,
+    # 459 us with TMA at 2 stages, 420 us at 3 stages (422 at 4; 8 warps 511-547). The wide pass got slower
+    # with TMA (1,090 -> 1,207 us): its 16-row tiles want many small loads in flight, not 32 KiB copies, so
+    # it keeps gathered loads unless MSA_EXTEND_WIDE_TMA=1.
     union_pass = gate is None and rows >= 128
     num_warps = int(os.environ.get(f"MSA_EXTEND_{knob}WARPS", 4))
-    num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", 2)))
     ksub = int(os.environ.get(f"MSA_EXTEND_{knob}KSUB", os.environ.get("MSA_EXTEND_KSUB", 64 if union_pass else 128)))
+    if gate is not None:
+        tma = tma is not False and os.environ.get("MSA_EXTEND_WIDE_TMA", "0") == "1"
+    descs = kv_descriptors(k_cache, v_cache, ksub, tma)
+    k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
+    stages_default = 3 if descs is not None else 2
+    num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", stages_default)))
     _extend_kernel[(n_tiles, hkv)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
-        union, bits, pages, wide, gate_wide, gate_tile_of, out,
+        union, bits, pages, wide, gate_wide, gate_tile_of, out, k_desc, v_desc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
-        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub,
+        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Round 7 device call (issue 3): TMA (bulk tensor copy) loads of whole pages in the extend/prefill attention.
+# Usage on the device machine, from the repository root:  bash benchmarks/kernels/run_round7.sh [check,sweep,bench]
+#   check: pytest -m gpu of the extend attention (full M3 shapes, TMA on and off)
+#   sweep: kernel times (torch.profiler, warm) of the extend attention launches per setting (first call, when
+#          the defaults were TMA at 2 stages in both passes)
+#   confirm: the same for the chosen defaults (union pass TMA at 3 stages, wide pass gathered) against the
+#          gathered loads at 2 and 3 stages
+#   bench: bench_msa extend + prefill against upstream (MSA_TMA=1, the default), and extend B=1 and prefill
+#          with MSA_TMA=0
+# Everything lands in $OUT/r7 and is packed into $OUT/r7.tgz at exit.
+set -u
+source "$(dirname "$0")/device_out.sh"
+device_out r7
+STEPS=${1:-check,sweep}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+attn_times() {  # $1 case, rest: env settings; prints the extend kernel's time per layer
+  local case=$1; shift
+  local line
+  line=$(env "$@" python3 benchmarks/kernels/ncu_targets.py "$case" --profile 2>&1 | tee -a "$OUT/sweep_$case.log" \
+    | grep "_extend_kernel" | awk '{s += $(NF-2)} END {print s}')
+  printf '%-26s %-70s extend attention %8s us/layer\n' "$case" "$*" "$line" | tee -a "$OUT/sweep.txt"
+}
+if has check; then
+  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
+  tail -3 "$OUT/gpu_tests.log"
+fi
+if has sweep; then
+  for s in "MSA_TMA=0" "MSA_TMA=1" "MSA_EXTEND_STAGES=3" "MSA_EXTEND_STAGES=4" "MSA_EXTEND_WARPS=8" \
+           "MSA_EXTEND_WARPS=8 MSA_EXTEND_STAGES=3" "MSA_EXTEND_KSUB=128 MSA_EXTEND_WARPS=8" \
+           "MSA_TMA=0 MSA_EXTEND_WARPS=8"; do
+    attn_times extend_b1_overlap $s
+  done
+  for s in "MSA_TMA=0" "MSA_TMA=1" "MSA_EXTEND_WIDE_STAGES=3" "MSA_EXTEND_WIDE_WARPS=8" \
+           "MSA_EXTEND_WIDE_KSUB=64" "MSA_EXTEND_WIDE_WARPS=2"; do
+    attn_times extend_b1_random $s
+  done
+fi
+if has confirm; then
+  for s in "MSA_TMA=0" "MSA_TMA=0 MSA_EXTEND_STAGES=3" "MSA_NONE=1" "MSA_TMA=1" ; do
+    attn_times extend_b1_overlap $s
+    attn_times extend_b8_overlap_shared $s
+  done
+  for s in "MSA_TMA=0" "MSA_NONE=1" "MSA_EXTEND_WIDE_TMA=1"; do
+    attn_times extend_b1_random $s
+  done
+fi
+if has bench; then
+  for sec in extend prefill; do
+    python3 benchmarks/kernels/bench_msa.py --only $sec --budget-s 200 --tag r7_$sec --out "$OUT/bench" \
+      > "$OUT/bench_$sec.log" 2>&1
+    sed -n '/## Summary/,/##/p' "$OUT/bench"/*r7_$sec.md | grep "^| extend\|^| prefill" | cut -c1-120
+  done
+  MSA_TMA=0 python3 benchmarks/kernels/bench_msa.py --only extend --match "B=1 " --budget-s 100 --tag r7_extend_tma0 \
+    --out "$OUT/bench" > "$OUT/bench_extend_tma0.log" 2>&1
+  grep "^| extend B=1" "$OUT/bench"/*r7_extend_tma0.md | head -2 | cut -c1-120
+  MSA_TMA=0 python3 benchmarks/kernels/bench_msa.py --only prefill --budget-s 100 --tag r7_prefill_tma0 \
+    --out "$OUT/bench" > "$OUT/bench_prefill_tma0.log" 2>&1
+  grep "^| prefill B=1" "$OUT/bench"/*r7_prefill_tma0.md | head -1 | cut -c1-120
+fi
