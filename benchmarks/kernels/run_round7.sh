@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # Round 7 device call (issue 3): TMA (bulk tensor copy) loads of whole pages in the extend/prefill attention.
 # Usage on the device machine, from the repository root:  bash benchmarks/kernels/run_round7.sh [check,sweep,bench]
-#   check: pytest -m gpu of the extend attention (full M3 shapes, TMA on and off)
+#   check: pytest -m gpu of the extend attention (full M3 shapes, TMA on and off); topk: of the index top-k
 #   sweep: kernel times (torch.profiler, warm) of the extend attention launches per setting (first call, when
 #          the defaults were TMA at 2 stages in both passes)
 #   confirm: the same for the chosen defaults (union pass TMA at 3 stages, wide pass gathered) against the
 #          gathered loads at 2 and 3 stages
-#   bench: bench_msa extend + prefill against upstream (MSA_TMA=1, the default), and extend B=1 and prefill
-#          with MSA_TMA=0
+#   score: the scoring kernel's time per layer with and without TMA index-K loads, and at 3 stages
+#   bench: bench_msa extend + prefill against upstream (the defaults); ab: extend B=1 and prefill, MSA_TMA=0
+#   decode: bench_msa decode at 60k as served, MSA_TMA=1 and 0 (the scoring kernel's index-K loads)
 # Everything lands in $OUT/r7 and is packed into $OUT/r7.tgz at exit.
 set -u
 source "$(dirname "$0")/device_out.sh"
 device_out r7
-STEPS=${1:-check,sweep}  # check,sweep,confirm,ws,bench,ab
+STEPS=${1:-check,sweep}  # check,topk,sweep,confirm,score,bench,ab,decode (run in this order, decode before bench)
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-attn_times() {  # $1 case, rest: env settings; prints the extend kernel's time per layer
-  local case=$1; shift
+kernel_times() {  # $1 case, $2 kernel-name regex, rest: env settings; prints that kernel's time per layer
+  local case=$1 kernel=$2; shift 2
   local line
   line=$(env "$@" python3 benchmarks/kernels/ncu_targets.py "$case" --profile 2>&1 | tee -a "$OUT/sweep_$case.log" \
-    | grep "_extend_kernel" | awk '{s += $(NF-2)} END {print s}')
-  printf '%-26s %-70s extend attention %8s us/layer\n' "$case" "$*" "$line" | tee -a "$OUT/sweep.txt"
+    | grep -E "$kernel" | awk '{s += $(NF-2)} END {print s}')
+  printf '%-26s %-44s %-16s %8s us/layer\n' "$case" "$*" "$kernel" "$line" | tee -a "$OUT/sweep.txt"
 }
+attn_times() { local case=$1; shift; kernel_times "$case" _extend_kernel "$@"; }
 if has check; then
   python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
-  tail -3 "$OUT/gpu_tests.log"
+  tail -1 "$OUT/gpu_tests.log"
+fi
+if has topk; then
+  python3 -m pytest -q -m gpu tests/kernels/test_index_topk_gpu.py > "$OUT/gpu_tests_topk.log" 2>&1
+  tail -1 "$OUT/gpu_tests_topk.log"
 fi
 if has sweep; then
   for s in "MSA_TMA=0" "MSA_TMA=1" "MSA_EXTEND_STAGES=3" "MSA_EXTEND_STAGES=4" "MSA_EXTEND_WARPS=8" \
@@ -46,21 +52,23 @@ if has confirm; then
     attn_times extend_b1_random $s
   done
 fi
-if has ws; then
-  # Softmax with the scale folded into one FMA (MSA_EXTEND_FMA=1) and Triton's Hopper warp specialization of the
-  # whole-page loop (MSA_EXTEND_WS=1). The fastest setting on extend_b1_overlap then runs the GPU tests and the
-  # benchmarks (bench), so one call measures the winner against upstream.
-  for s in "MSA_TMA=0" "MSA_NONE=1" "MSA_EXTEND_FMA=1" "MSA_EXTEND_WS=1" "MSA_EXTEND_WS=1 MSA_EXTEND_WARPS=8" \
-           "MSA_EXTEND_WS=1 MSA_EXTEND_FMA=1" "MSA_NONE=2"; do
-    attn_times extend_b1_overlap $s
+if has score; then
+  # TMA loads of index-K pages in the scoring kernel, and its pipelining depth (MSA_SCORE_STAGES)
+  for c in extend_b1_overlap extend_b8_overlap_shared; do
+    for s in "MSA_TMA=0" "MSA_TMA=1" "MSA_SCORE_STAGES=3"; do
+      kernel_times $c _score_kernel $s
+    done
   done
-  BEST=$(grep extend_b1_overlap "$OUT/sweep.txt" | grep -v "MSA_TMA=0" | awk '$NF=="us/layer" && $(NF-1)+0 > 0' \
-    | awk '{t=$(NF-1); $1=""; sub(/extend attention.*/, ""); print t, $0}' | sort -n | head -1 \
-    | cut -d' ' -f2-)
-  echo "best setting: $BEST" | tee "$OUT/best.txt"
-  export $BEST
-  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests_best.log" 2>&1
-  tail -1 "$OUT/gpu_tests_best.log"
+  for c in decode_b1_60k decode_b8_shared_60k; do
+    for s in "MSA_TMA=0" "MSA_TMA=1"; do kernel_times $c _score_kernel $s; done
+  done
+fi
+if has decode; then  # decode at 60k as served, TMA index-K loads on and off, against upstream in each run
+  for t in 1 0; do
+    env MSA_TMA=$t python3 benchmarks/kernels/bench_msa.py --only decode --match "N=60000" --budget-s 90 \
+      --tag r7_decode_tma$t --out "$OUT/bench" > "$OUT/bench_decode_tma$t.log" 2>&1
+    echo "MSA_TMA=$t"; grep -A12 "## Decode as served" "$OUT/bench"/*r7_decode_tma$t.md | grep "^| decode" | cut -c1-150
+  done
 fi
 if has bench; then
   for sec in extend prefill; do

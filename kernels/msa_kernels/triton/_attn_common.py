@@ -109,15 +109,15 @@ def to_f16_clamped(x):
     return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
-def kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, use: bool | None) -> tuple | None:
-    """Tensor-memory-accelerator (TMA) descriptors for loading [rows, D] tiles of one KV head from the paged
-    K/V caches, or None where the caller must gather with pointer loads instead.
+def tma_descriptor(cache: torch.Tensor, rows: int, use: bool | None):
+    """A tensor-memory-accelerator (TMA) descriptor for loading [rows, D] tiles of one head from a paged cache
+    [slots, heads, D], or None where the caller must gather with pointer loads instead.
 
-    A page is BLOCK_SIZE consecutive slots, so the keys of one KV head in a page are a strided 2D tile of the
-    cache seen as [slots, Hkv * D]: exactly what a TMA load fetches with one instruction, asynchronously and
-    without a register per address (the gathered loads need one per element row). It needs the cache's last
-    two dimensions contiguous and 16-byte aligned rows and base. `use`: True/False force it (False always
-    wins; True still falls back when the layout does not allow it), None reads MSA_TMA (default 1)."""
+    A page is BLOCK_SIZE consecutive slots, so one head's keys in a page are a strided 2D tile of the cache
+    seen as [slots, heads * D]: what a TMA load fetches with one instruction, asynchronously, without a
+    register per address (gathered loads need one per row), and what lets Triton keep 3 stages in flight. It
+    needs the last two dimensions contiguous and 16-byte aligned rows and base. `use`: False never, True when
+    the layout allows it, None reads MSA_TMA (default 1)."""
     if use is None:
         flag = os.environ.get("MSA_TMA", "1")
         if flag not in ("0", "1"):
@@ -129,15 +129,19 @@ def kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, use:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # a Triton without host-side descriptors
         return None
-    descs = []
-    for cache in (k_cache, v_cache):
-        slots, hkv, dim = cache.shape
-        row_bytes = cache.stride(0) * cache.element_size()
-        if cache.stride(2) != 1 or cache.stride(1) != dim or row_bytes % 16 or cache.data_ptr() % 16:
-            return None
-        flat = cache.as_strided((slots, hkv * dim), (cache.stride(0), 1))
-        descs.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim]))
-    return tuple(descs)
+    slots, heads, dim = cache.shape
+    row_bytes = cache.stride(0) * cache.element_size()
+    if cache.stride(2) != 1 or cache.stride(1) != dim or row_bytes % 16 or cache.data_ptr() % 16:
+        return None
+    flat = cache.as_strided((slots, heads * dim), (cache.stride(0), 1))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, dim])
+
+
+def kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, use: bool | None) -> tuple | None:
+    """TMA descriptors of K and V (`tma_descriptor`), or None unless both caches allow them."""
+    k_desc = tma_descriptor(k_cache, rows, use)
+    v_desc = tma_descriptor(v_cache, rows, use) if k_desc is not None else None
+    return None if v_desc is None else (k_desc, v_desc)
 
 
 def cdiv(a: int, b: int) -> int:

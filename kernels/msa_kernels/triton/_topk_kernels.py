@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_common import fp8_in_f16, to_f16_clamped
+from ._attn_common import fp8_in_f16, tma_descriptor, to_f16_clamped
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 _NO_ID = tl.constexpr(2147483647)  # sorts after every block id; mapped back to -1
@@ -238,7 +238,7 @@ def _graph_item_rows(pt_ptr, stride_pt, q_pos_ptr, n_req, b_ref, j0, j1, chunk_b
 @triton.jit(do_not_specialize=["stride_pt", "n_chunks", "chunk_blocks"])
 def _score_kernel(
     q_ptr, stride_qt, stride_qh,
-    kc_ptr, stride_ks,
+    kc_ptr, stride_ks, kc_desc,
     pt_ptr, stride_pt,
     q_pos_ptr,
     items_ptr, n_items_ptr, rows_ptr,
@@ -248,7 +248,7 @@ def _score_kernel(
     BLOCK_M: tl.constexpr, KS: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     FINAL: tl.constexpr, K_NEEDS_CAST: tl.constexpr, IN_F32: tl.constexpr, F16_FOR_FP8: tl.constexpr,
-    GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr, SHARE: tl.constexpr, PDL: tl.constexpr,
+    GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr, SHARE: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     pdl_prologue(PDL)
     pid = tl.program_id(0)
@@ -305,7 +305,10 @@ def _score_kernel(
             # The next block's page id is fetched one iteration ahead: the key load never waits on it.
             slot0 = next_page.to(tl.int64) * PAGE
             next_page = tl.load(page_row + j + 1, mask=j + 1 < jj1, other=0)
-            kt = tl.load(kc_ptr + (slot0 + tok)[None, :] * stride_ks + d[:, None])  # [D, PAGE]
+            if TMA:  # historical blocks are whole written pages: one bulk copy (_attn_common.tma_descriptor)
+                kt = tl.trans(kc_desc.load([slot0.to(tl.int32), 0]))
+            else:
+                kt = tl.load(kc_ptr + (slot0 + tok)[None, :] * stride_ks + d[:, None])  # [D, PAGE]
             if F16_FOR_FP8:
                 kt = kt.to(tl.float16)
             elif K_NEEDS_CAST:
@@ -354,7 +357,7 @@ def _batch_p2(work, plan) -> int:
     return triton.next_power_of_2(max(1, plan.batch_size)) if work.grid_items else 1
 
 
-def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int):
+def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stages: int, tma: bool | None = None):
     # The dot runs in q's dtype when the keys convert to it exactly (same dtype, or fp8 keys: e4m3 values
     # are exact in bf16 and fp16); otherwise (bf16 q with fp16 keys, fp32 anywhere) both go to fp32 and the
     # dot runs in full fp32 precision, so no key loses bits before the product. bf16 queries on fp8 keys run in
@@ -363,9 +366,11 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         index_k_cache.dtype == torch.float8_e4m3fn and q_idx.dtype in (torch.bfloat16, torch.float16))
     in_f32 = not exact_in_q or q_idx.dtype == torch.float32
     cand = work.candidates if not work.final else out
+    # fp32 keys (reference-precision runs) stay on gathered loads: 64 KiB per staged page is too much
+    desc = tma_descriptor(index_k_cache, 128, tma) if index_k_cache.element_size() <= 2 else None
     _score_kernel[(work.grid,)](
         q_idx, q_idx.stride(0), q_idx.stride(1),
-        index_k_cache, index_k_cache.stride(0),
+        index_k_cache, index_k_cache.stride(0), desc if desc is not None else index_k_cache,
         plan.page_table, plan.page_table.stride(0),
         plan.q_pos,
         work.items, work.n_items, work.rows,
@@ -378,7 +383,7 @@ def launch_score(work, plan, q_idx, index_k_cache, out, num_warps: int, num_stag
         F16_FOR_FP8=fp8_in_f16(q_idx, index_k_cache, "index"),
         GRID_ITEMS=work.grid_items, BATCH_P2=_batch_p2(work, plan),
         SHARE=work.grid_items and _batch_p2(work, plan) > 1 and os.environ.get("MSA_GRAPH_SHARE", "1") != "0",
-        num_warps=num_warps, num_stages=num_stages,
+        TMA=desc is not None, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch_options(q_idx.device, plan.is_decode and plan.batch_size <= PDL_MAX_BATCH),
     )
 

@@ -78,19 +78,6 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit
-def _softmax_step_rows(q, k, v, row_bias, m_i, l_i, acc, qk_scale):
-    """_softmax_step for a mask that is per row only (row_bias 0 or -inf: whether the row's query chose the
-    block), as on whole pages: the max is taken on raw scores and the scale folds into one FMA per score."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) + row_bias[:, None]
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["stride_pb", "union_max"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
@@ -100,7 +87,7 @@ def _extend_kernel(
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
-    KSUB: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, FMA: tl.constexpr,
+    KSUB: tl.constexpr, TMA: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -171,7 +158,7 @@ def _extend_kernel(
     # 255 registers either way (spills: ~450 B per thread at KSUB 128 / 8 warps, ~80 B at 64 / 8 warps).
     nk = tl.arange(0, KSUB)
     SPB: tl.constexpr = BLOCK // KSUB  # steps per block
-    for it in tl.range(0, n_full * SPB, warp_specialize=WS):
+    for it in range(0, n_full * SPB):
         i = it // SPB
         chose = ((tl.load(bits_ptr + scratch + i) >> r_q) & 1) != 0
         if TMA:  # whole, written pages: one bulk tensor copy per tile (see _attn_common.kv_descriptors)
@@ -182,11 +169,7 @@ def _extend_kernel(
             slot = tl.load(pages_ptr + scratch + i).to(tl.int64) * BLOCK + (it % SPB) * KSUB + nk
             k = tl.load(k_base + slot[:, None] * stride_ks)
             v = tl.load(v_base + slot[:, None] * stride_vs)
-        if FMA:
-            m_i, l_i, acc = _softmax_step_rows(q, k, v, tl.where(chose, 0.0, float("-inf")), m_i, l_i, acc,
-                                               qk_scale)
-        else:
-            m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _softmax_step(q, k, v, chose[:, None], m_i, l_i, acc, qk_scale)
     for it in range(n_full * SPB, n_all * SPB):
         i = it // SPB
         blk = tl.load(union_ptr + scratch + i)
@@ -305,7 +288,9 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     # TMA, round 7 (H200, same inputs, attention kernel time per layer): the union pass 467 us gathered,
     # 459 us with TMA at 2 stages, 420 us at 3 stages (422 at 4; 8 warps 511-547). The wide pass got slower
     # with TMA (1,090 -> 1,207 us): its 16-row tiles want many small loads in flight, not 32 KiB copies, so
-    # it keeps gathered loads unless MSA_EXTEND_WIDE_TMA=1.
+    # it keeps gathered loads unless MSA_EXTEND_WIDE_TMA=1. H100 (third call): 466 -> 409 us for the union
+    # pass. Tried there and dropped: the scale folded into one FMA with a per-row mask (419 us), Triton's
+    # Hopper warp specialization of the whole-page loop (fails to compile in Triton 3.6).
     union_pass = gate is None and rows >= 128
     num_warps = int(os.environ.get(f"MSA_EXTEND_{knob}WARPS", 4))
     ksub = int(os.environ.get(f"MSA_EXTEND_{knob}KSUB", os.environ.get("MSA_EXTEND_KSUB", 64 if union_pass else 128)))
@@ -323,7 +308,6 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
         BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None,
-        WS=os.environ.get("MSA_EXTEND_WS", "0") == "1", FMA=os.environ.get("MSA_EXTEND_FMA", "0") == "1",
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of

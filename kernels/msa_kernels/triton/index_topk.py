@@ -14,6 +14,8 @@ into chunks), never syncs, and allocates only the output (none with `out=`). CUD
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..layout import BLOCK_SIZE, MSAInputError, check_cache
@@ -122,10 +124,12 @@ def _check(plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor) -> N
 
 
 def index_topk(
-    plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor, out: torch.Tensor | None = None
+    plan: MSAPlan, q_idx: torch.Tensor, index_k_cache: torch.Tensor, out: torch.Tensor | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """Selections for every new token of the batch: int32 [T, H_idx, topk], ascending, -1 padded.
-    `out`, when given, is written in place (a static buffer inside CUDA graphs)."""
+    `out`, when given, is written in place (a static buffer inside CUDA graphs). `tma` loads index-K pages
+    with TMA (default: env MSA_TMA, on; see `_attn_common.tma_descriptor`)."""
     _check(plan, q_idx, index_k_cache)
     heads = q_idx.shape[1]
     work = prepare_index_topk(plan, heads, index_k_cache.shape[0] // BLOCK_SIZE, q_idx.device)
@@ -141,7 +145,8 @@ def index_topk(
         warps, stages = 8, (EXTEND_STAGES_FINAL if work.final else EXTEND_STAGES_SPLIT)
     else:
         warps, stages = 4, DECODE_STAGES
-    launch_score(work, plan, q_idx, index_k_cache, out, warps, stages)
+    stages = int(os.environ.get("MSA_SCORE_STAGES", stages))  # A/B knob for benchmarks
+    launch_score(work, plan, q_idx, index_k_cache, out, warps, stages, tma)
     if not work.final:
         launch_merge(work, plan, out)
     return out
