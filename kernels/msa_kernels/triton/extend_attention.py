@@ -34,7 +34,15 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
 - random selections (union ~108 per tile): union walk alone 2.60 ms (53 TFLOP/s), KV-major pass alone
   2.90 ms: both slower than upstream's 1.62 ms there; the default query-major wide pass was not timed yet.
   The 400 TFLOP/s target is met by neither extreme; what limits the high-overlap case is the short walk per
-  program (16 blocks) behind a per-tile setup, gathered (non-TMA) K/V loads and 1 CTA per SM.
+  program (16 blocks) behind a per-tile setup, the softmax between the two MMAs of each step and 1 CTA per SM.
+- round 7: whole pages load through TMA (below) with 3 stages in flight: the union pass went 466 -> 409 us at
+  batch 1 (336 TFLOP/s of kernel time; H100 and H200 alike) and 3.53 -> 3.06 ms at batch 8 (H200); the layer
+  is 4.38x upstream at batch 1 and 3.55x at batch 8 (H100, benchmarks/results/msa_kernels_r7_notes.md).
+
+K/V loads. The union pass's blocks that lie wholly before every query of its tile are whole, written pages, and
+load with one TMA (bulk tensor copy) per step (`_attn_common.tma_descriptor`; `tma=False` or MSA_TMA=0 gathers
+instead, as does a cache layout TMA cannot address). Blocks holding the tile's own queries keep masked gathers.
+The wide pass keeps gathered loads: its 16-row tiles ran 10% slower with TMA.
 
 Each program first builds its tile's union (deduplicated, compacted, fully visible blocks first), the
 bitmask of which queries picked each block and the blocks' page ids into a small scratch area, then runs two

@@ -29,6 +29,9 @@ _EXTRAS_KEY = "triton_index_topk"
 # stage. Measured on an H100: a split extend (2,048 tokens on 60k: 320 items, about one wave) ran 346 us
 # with 2 stages (two programs per SM) against 420 us with 3; unsplit runs with many items (prefill 64k,
 # 8 x 2,048 on 60k) ran 12-33% faster with 3 stages.
+# Round 7: index-K pages load through TMA (`_attn_common.tma_descriptor`): H100, scoring kernel 228 -> 221 us
+# (extend 2,048 on 60k), 2,373 -> 2,165 us (8 x 2,048 on a shared 60k), 6.0 -> 5.5 us (decode B=1 60k), 12.1 ->
+# 10.1 us (decode B=8 shared); 3 stages for split extend stayed slower with TMA (240 us).
 DECODE_STAGES = 3
 EXTEND_STAGES_SPLIT = 2
 EXTEND_STAGES_FINAL = 3
