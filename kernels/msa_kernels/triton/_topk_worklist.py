@@ -22,6 +22,7 @@ never syncs, so decode can run inside CUDA graphs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,10 @@ import torch
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
 
-EXTEND_ROWS = 128  # rows (tokens x index heads) of one extend item: one tensor-core tile
+# Rows (tokens x index heads) of one extend item. Round 7, H100, scoring kernel per layer (extend 2,048 on 60k /
+# 8 x 2,048 on a shared 60k / prefill 64k): 128 rows (8 warps) 220 / 2,149 / 4,536 us, 64 rows (4 warps, 3
+# stages, as index_topk picks for tiles under 128 rows) 198 / 1,918 / 4,157 us, 256 rows 284 / 2,284 / 4,284 us.
+EXTEND_ROWS = 64
 MAX_SHARED_ROWS = 64  # rows of one decode item: requests sharing a page are packed up to this many rows
 ITEMS_PER_SM = 2  # items wanted per SM before chunks are split further
 
@@ -144,7 +148,8 @@ def build_topk_work(
         raise MSAInputError(f"q_idx must have at least one index head, got {heads}")
     target = target_items if target_items is not None else ITEMS_PER_SM * sm_count
     decode = plan.is_decode
-    tokens_per_tile = 1 if decode else max(1, EXTEND_ROWS // heads)
+    extend_rows = int(os.environ.get("MSA_EXTEND_ROWS", EXTEND_ROWS))  # A/B knob for benchmarks
+    tokens_per_tile = 1 if decode else max(1, extend_rows // heads)
     req, row0, nrow, hist = _row_tiles(plan, heads, tokens_per_tile)
     max_hist = int(hist.max()) if len(hist) else 0
     pt_cpu = plan.page_table.cpu()

@@ -24,8 +24,9 @@ from ._topk_kernels import launch_merge, launch_score
 from ._topk_worklist import TopkWork, build_graph_decode_work, build_topk_work
 
 _EXTRAS_KEY = "triton_index_topk"
-# Software-pipelining depth of the key-block loads in the scoring kernel. Decode items (16-64 rows, 4 warps)
-# take 3 stages at ~70 KB of shared memory. Extend tiles (128 rows, 8 warps) hold 64 KB plus 32 KB per
+# Software-pipelining depth of the key-block loads in the scoring kernel. Items under 128 rows (decode: 16-64
+# rows; extend: 64 rows since round 7, see _topk_worklist.EXTEND_ROWS) run 4 warps and 3 stages at ~70 KB of
+# shared memory. Extend tiles of 128 rows (MSA_EXTEND_ROWS=128, 8 warps) hold 64 KB plus 32 KB per
 # stage. Measured on an H100: a split extend (2,048 tokens on 60k: 320 items, about one wave) ran 346 us
 # with 2 stages (two programs per SM) against 420 us with 3; unsplit runs with many items (prefill 64k,
 # 8 x 2,048 on 60k) ran 12-33% faster with 3 stages.
@@ -148,7 +149,8 @@ def index_topk(
         warps, stages = 8, (EXTEND_STAGES_FINAL if work.final else EXTEND_STAGES_SPLIT)
     else:
         warps, stages = 4, DECODE_STAGES
-    stages = int(os.environ.get("MSA_SCORE_STAGES", stages))  # A/B knob for benchmarks
+    stages = int(os.environ.get("MSA_SCORE_STAGES", stages))  # A/B knobs for benchmarks
+    warps = int(os.environ.get("MSA_SCORE_WARPS", warps))
     launch_score(work, plan, q_idx, index_k_cache, out, warps, stages, tma)
     if not work.final:
         launch_merge(work, plan, out)
