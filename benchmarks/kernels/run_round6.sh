@@ -36,11 +36,7 @@ if has tune; then
 fi
 if has eager; then
   # Extend and prefill re-timed with the GPU head start in time_eager (us_cold keeps the previous method).
-  for sec in extend prefill; do
-    python3 benchmarks/kernels/bench_msa.py --only $sec --budget-s 200 --tag r6_$sec --out "$OUT/bench" \
-      > "$OUT/bench_$sec.log" 2>&1
-    sed -n '/## Summary/,/^$/p;/## Summary/,/##/p' "$OUT/bench"/*r6_$sec.md | grep "^| extend\|^| prefill" | cut -c1-120
-  done
+  bench_eager r6
 fi
 if has direct; then
   # Single-slice merge picks the best 15 directly (MSA_MERGE_DIRECT=1, default) vs the running best (=0).

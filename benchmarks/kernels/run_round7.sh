@@ -86,11 +86,7 @@ if has decode; then  # decode at 60k as served, TMA index-K loads on and off, ag
   done
 fi
 if has bench; then
-  for sec in extend prefill; do
-    python3 benchmarks/kernels/bench_msa.py --only $sec --budget-s 200 --tag r7_$sec --out "$OUT/bench" \
-      > "$OUT/bench_$sec.log" 2>&1
-    sed -n '/## Summary/,/##/p' "$OUT/bench"/*r7_$sec.md | grep "^| extend\|^| prefill" | cut -c1-120
-  done
+  bench_eager r7
 fi
 if has ab; then  # our arm with gathered loads, against upstream in the same call
   env MSA_TMA=0 python3 benchmarks/kernels/bench_msa.py --only extend --match "B=1 " --budget-s 100 --tag r7_extend_tma0 \
