@@ -9,13 +9,14 @@
 #   score: the scoring kernel's time per layer with and without TMA index-K loads, and at 3 stages
 #   score2: the same for 4 warps instead of 8, and 256 or 64 rows per extend item instead of 128
 #   score3: 32 and 128 rows per extend item once 64 was the default
+#   kvmajor: attention kernels' time with the KV-major segment pass as the wide pass, against the default
 #   bench: bench_msa extend + prefill against upstream (the defaults); ab: extend B=1 and prefill, MSA_TMA=0
 #   decode: bench_msa decode at 60k as served, MSA_TMA=1 and 0 (the scoring kernel's index-K loads)
 # Everything lands in $OUT/r7 and is packed into $OUT/r7.tgz at exit.
 set -u
 source "$(dirname "$0")/device_out.sh"
 device_out r7
-STEPS=${1:-check,sweep}  # check,topk,sweep,confirm,score,score2,score3,bench,ab,decode (run in this order, decode before bench)
+STEPS=${1:-check,sweep}  # check,topk,sweep,confirm,score,score2,score3,kvmajor,bench,ab,decode (run in this order, decode before bench)
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 kernel_times() {  # $1 case, $2 kernel-name regex, rest: env settings; prints that kernel's time per layer
@@ -76,6 +77,13 @@ fi
 if has score3; then  # after 64 rows became the default: 32 rows, and 128 again
   for c in extend_b1_overlap extend_b8_overlap_shared prefill_64k; do
     for s in "MSA_EXTEND_ROWS=32" "MSA_EXTEND_ROWS=128"; do kernel_times $c _score_kernel $s; done
+  done
+fi
+if has kvmajor; then  # the KV-major segment pass (opt-in wide pass, unmeasured when written) against the default
+  for c in extend_b1_random prefill_64k; do
+    for s in "MSA_NONE=1" "MSA_EXTEND_WIDE_PASS=kv_major"; do
+      kernel_times $c "_extend_kernel|kv_segment_kernel| merge_kernel" $s
+    done
   done
 fi
 if has decode; then  # decode at 60k as served, TMA index-K loads on and off, against upstream in each run

@@ -20,8 +20,8 @@ Why this shape (numbers for M3 on one H100: 2,048 new tokens, 16 blocks x 128 ke
 - Tiles whose union exceeds UNION_MAX go to a second, "wide" pass. Default: the same kernel with one query
   per tile (M = G rows, each query's own <= 16 blocks: upstream's query-major work, no waste), gated on
   device by the first pass's per-tile flags: no host sync, so the call stays CUDA-graph capturable.
-  Opt-in (`wide_pass="kv_major"`): the KV-major pass of `_attn_kvmajor` (sorted entries, run tiles,
-  partials + merge; one host sync).
+  Opt-in (`wide_pass="kv_major"`, env MSA_EXTEND_WIDE_PASS): the KV-major pass of `_attn_kvmajor` (sorted
+  entries, one program per segment of a block's entries, partials + merge; one host sync).
 
 Measured on an H100 80GB HBM3 (Triton 3.6, torch 2.11; 64 q / 4 KV heads, bf16, T = 2,048 on a 59,904-token
 prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
@@ -38,6 +38,7 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
 - round 7: whole pages load through TMA (below) with 3 stages in flight: the union pass went 466 -> 409 us at
   batch 1 (336 TFLOP/s of kernel time; H100 and H200 alike) and 3.53 -> 3.06 ms at batch 8 (H200); the layer
   is 4.38x upstream at batch 1 and 3.55x at batch 8 (H100, benchmarks/results/msa_kernels_r7_notes.md).
+  The KV-major pass was rewritten into per-block segments (K/V loaded once per segment); not yet timed.
 
 K/V loads. The union pass's blocks that lie wholly before every query of its tile are whole, written pages, and
 load with one TMA (bulk tensor copy) per step (`_attn_common.tma_descriptor`; `tma=False` or MSA_TMA=0 gathers
