@@ -149,3 +149,24 @@ def test_dense_causal_two_part_equals_direct_math(bench):
         out[0, :, r] = torch.einsum("gns,sgd->gnd", logit.softmax(-1), v[0, :n]).reshape(64, 128)
     # The harness's own spot check must call this exact result correct.
     assert bench.Bench._dense_spot_check(None, out, q, k, v, prefix) < 1e-5
+
+
+def test_kernel_sweep_parser_groups_settings_per_call_case_and_kernel(tmp_path):
+    path = ROOT / "benchmarks" / "kernels" / "plot_kernel_sweep.py"
+    spec = importlib.util.spec_from_file_location("plot_kernel_sweep_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(
+        "# call 1, NVIDIA H200, 580.159.04\n"
+        "extend_b1_overlap          MSA_TMA=0          extend attention    467.2 us/layer\n"
+        "extend_b1_overlap          MSA_EXTEND_WS=1    extend attention        0 us/layer\n"
+        "# call 2, NVIDIA H100 80GB HBM3, 580.159.04\n"
+        "decode_b1_60k              MSA_TMA=1          _score_kernel         5.5 us/layer\n"
+        "decode_b1_60k              MSA_NONE=1         _score_kernel         6.25 us/layer\n"
+    )
+    groups = mod.parse(str(sweep))
+    assert groups == {
+        ("call 1, H200", "extend_b1_overlap", "attention"): [("MSA_TMA=0", 467.2)],  # the failed setting (0) is out
+        ("call 2, H100 80GB HBM3", "decode_b1_60k", "scoring"): [("MSA_TMA=1", 5.5), ("defaults", 6.25)],
+    }
