@@ -25,6 +25,8 @@ CASES = {
     "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major", True),
     # hot blocks picked by all 100 queries: runs longer than one KV-major segment (8 chunks x 8 queries)
     "fp8_cache_kv_major": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, "kv_major", True),
+    # 130 queries in chunks of 16 (kv_major_pass sorts all chunks at once): chunk slices across two requests
+    "kv_major_many_chunks": ([3000, 400], [100, 30], 16, 1, 64, None, "random", -1, "kv_major", True),
     "kv_major_long_runs": ([3000, 400], [100, 3], 16, 1, 64, None, "recent", -1, "kv_major", True),
     "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None, True),
     "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),
@@ -47,9 +49,17 @@ def _run_case(name: str) -> float:
     out = torch.full_like(c.q, float("nan"))
     if name == "half_block_steps":
         os.environ["MSA_EXTEND_KSUB"] = "64"
-    extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale,
-                                      out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
-    os.environ.pop("MSA_EXTEND_KSUB", None)
+    from msa_kernels.triton import _attn_kvmajor
+
+    chunk_tokens = _attn_kvmajor._CHUNK_TOKENS
+    if name == "kv_major_many_chunks":
+        _attn_kvmajor._CHUNK_TOKENS = 16
+    try:
+        extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
+                                          c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
+    finally:  # the next case runs in this process with the defaults
+        os.environ.pop("MSA_EXTEND_KSUB", None)
+        _attn_kvmajor._CHUNK_TOKENS = chunk_tokens
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
 
