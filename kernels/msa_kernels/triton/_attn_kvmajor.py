@@ -13,8 +13,9 @@ Cost model: partials are 16 x G x 128 x 2 B per (query, KV head), written and re
 query-major wide pass (the default) instead reads ~1 MiB of K/V per query and KV head from L2 (~1.1-1.2 ms at
 2,048 random queries, round 7). So this pass pays only if the partial traffic overlaps the math.
 
-The host side (`kv_major_pass`) compacts the wide tiles' entries with one device sync (nonzero): extend and
-prefill run eagerly in the serving engine, and the sync lets the pass cost nothing when no tile is wide.
+The host side (`kv_major_pass`) compacts and sorts the wide tiles' entries with five device syncs (nonzero,
+one transfer of the chunk bounds), however many chunks there are: extend and prefill run eagerly in the serving
+engine, and the first sync lets the pass cost nothing when no tile is wide.
 
 Measured: the first version (one program per QB-entry tile, K/V reloaded per tile, a program looping over its
 share of tiles) took 2.90 ms on an H100 with random selections at 2,048 queries on a 60k prefix, every tile sent
@@ -74,7 +75,7 @@ def kv_segment_kernel(
         row_ok = (c + r_e < count) & (r < QB * G)
         e = start + c + r_e
         flat = tl.load(flat_ptr + e, mask=row_ok, other=0)  # (t * HKV + head) * TOPK + j
-        t = flat // (HKV * TOPK)
+        t = (flat // (HKV * TOPK)).to(tl.int64)  # t x stride_qt passes 2^31 beyond ~256k tokens
         q = tl.load(q_ptr + t[:, None] * stride_qt + (head * G + r_h)[:, None] * stride_qh + cols[None, :],
                     mask=row_ok[:, None], other=0.0)
         q_pos = tl.load(qpos_ptr + t, mask=row_ok, other=-1)
