@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 LINE = re.compile(r"^(?P<case>\S+)\s+(?P<rest>.*?)\s+(?P<us>[\d.]+) us/layer$")
 KERNELS = ("extend attention", "_extend_kernel", "_score_kernel")
@@ -20,7 +21,7 @@ def parse(path: str) -> dict[tuple[str, str, str], list[tuple[str, float]]]:
     """(call label, case, kernel) -> [(setting, us)] in file order."""
     groups: dict[tuple[str, str, str], list[tuple[str, float]]] = defaultdict(list)
     call = ""
-    for raw in open(path, encoding="utf-8"):
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
         raw = raw.rstrip()
         if raw.startswith("# call"):
             call = raw[2:].split(",")[0] + ", " + raw.split(",")[1].strip().replace("NVIDIA ", "")

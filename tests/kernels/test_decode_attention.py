@@ -15,24 +15,19 @@ import pytest
 import torch
 from interpreter_child import interpreter_report as run_interpreter_child
 
-# name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge[, q dtype])
+# name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge, q dtype)
 CASES = {
-    "mixed_lengths_fused": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True),
-    "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False),
-    "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True),
-    "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True),
-    "half_page_units_32_splits": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True),
-    "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True),
+    "mixed_lengths_fused": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True, torch.float16),
+    "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False, torch.float16),
+    "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16),
+    "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16),
+    "half_page_units_32_splits": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True, torch.float16),
+    "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16),
     # bf16 q on an fp8 cache: the products run in fp16 (fp8_in_f16); the output is bf16, hence its bound.
     "fp8_cache_bf16_q": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
 }
-# fp16 q/k/v, fp32 accumulation; fp8 is compared with its own dequantized values; bf16 outputs round at 2^-8.
-BOUND = {None: 2e-3, "fp8": 2e-3, "fp8/bf16": 1e-2}
-
-
-def _bound(name: str) -> float:
-    case = CASES[name]
-    return BOUND["fp8/bf16"] if len(case) > 8 else BOUND[case[4]]
+# fp16 q/k/v, fp32 accumulation (fp8 is compared with its own dequantized values); bf16 outputs round at 2^-8.
+BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _run_case(name: str) -> float:
@@ -40,14 +35,13 @@ def _run_case(name: str) -> float:
     from msa_kernels.triton import decode_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
 
-    seqs, hq, hkv, dim, cache, style, cfg, fused = CASES[name][:8]
-    q_dtype = CASES[name][8] if len(CASES[name]) > 8 else torch.float16
+    seqs, hq, hkv, dim, cache, style, cfg, fused, q_dtype = CASES[name]
     c = build_case(seqs, [1] * len(seqs), hq, hkv, dim=dim, dtype=q_dtype,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     if cfg:
         os.environ["MSA_DECODE_CHUNK"], os.environ["MSA_DECODE_NSPLIT"] = map(str, cfg)
     worst = 0.0
-    if len(CASES[name]) > 8:
+    if cache and q_dtype == torch.bfloat16:
         # bf16 q on fp8 with the attention products in fp16 (MSA_FP8_F16=both). The default (bf16 products) is
         # checked on the GPU only: the interpreter widens e4m3 to bf16 wrongly (relative error ~1e8 here).
         os.environ["MSA_FP8_F16"] = "both"
@@ -75,7 +69,7 @@ def test_decode_matches_reference_in_interpreter(interpreter_report: dict, name:
     row = interpreter_report.get(name)
     assert row is not None, f"case {name} missing from the child's report"
     assert "error" not in row, row.get("error")
-    bound = _bound(name)
+    bound = BOUND[CASES[name][8]]
     assert row["rel_err"] < bound, f"{name}: relative error {row['rel_err']:.3g} >= {bound}"
 
 

@@ -17,6 +17,11 @@ import triton.language as tl
 from ..layout import BLOCK_SIZE, MSAInputError, check_cache
 from ..plan import MSAPlan
 
+try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels keep gathered loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for running maxima: exp2(-inf - NEG_BIG) is 0, and exp2(NEG_BIG - NEG_BIG) is 1,
 # so rows that have seen no visible key yet never produce inf - inf = NaN.
@@ -123,11 +128,7 @@ def tma_descriptor(cache: torch.Tensor, rows: int, use: bool | None):
         if flag not in ("0", "1"):
             raise MSAInputError(f"MSA_TMA must be 0 or 1, got {flag!r}")
         use = flag == "1"
-    if not use:
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # a Triton without host-side descriptors
+    if not use or TensorDescriptor is None:
         return None
     slots, heads, dim = cache.shape
     row_bytes = cache.stride(0) * cache.element_size()
