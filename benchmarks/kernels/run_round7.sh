@@ -19,13 +19,6 @@ device_out r7
 STEPS=${1:-check,sweep}  # check,topk,sweep,confirm,score,score2,score3,kvmajor,bench,ab,decode (run in this order, decode before bench)
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-kernel_times() {  # $1 case, $2 kernel-name regex, rest: env settings; prints that kernel's time per layer
-  local case=$1 kernel=$2; shift 2
-  local line
-  line=$(env "$@" python3 benchmarks/kernels/ncu_targets.py "$case" --profile 2>&1 | tee -a "$OUT/sweep_$case.log" \
-    | grep -E "$kernel" | awk '{s += $(NF-2)} END {print s}')
-  printf '%-26s %-44s %-16s %8s us/layer\n' "$case" "$*" "$kernel" "$line" | tee -a "$OUT/sweep.txt"
-}
 attn_times() { local case=$1; shift; kernel_times "$case" _extend_kernel "$@"; }
 if has check; then
   python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1

@@ -30,7 +30,8 @@ CASES = {
     "kv_major_long_runs": ([3000, 400], [100, 3], 16, 1, 64, None, "recent", -1, "kv_major", True),
     "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None, True),
     "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),
-    "half_block_steps": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None, True),  # MSA_EXTEND_KSUB=64
+    # the 128-row tiles of rounds 2-7 (8 queries x 16 heads), kept as an A/B setting: MSA_EXTEND_TILE_ROWS=128
+    "tiles_of_128_rows": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None, True),
     # the gathered (pointer) loads that TMA replaces on whole pages, kept for caches TMA cannot address
     "mixed_lengths_gather_loads": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, False),
     "fp8_cache_gather_loads": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, False),
@@ -47,8 +48,8 @@ def _run_case(name: str) -> float:
     c = build_case(seqs, qls, hq, hkv, dim=dim, dtype=torch.float16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     out = torch.full_like(c.q, float("nan"))
-    if name == "half_block_steps":
-        os.environ["MSA_EXTEND_KSUB"] = "64"
+    if name == "tiles_of_128_rows":
+        os.environ["MSA_EXTEND_TILE_ROWS"] = "128"
     from msa_kernels.triton import _attn_kvmajor
 
     chunk_tokens = _attn_kvmajor._CHUNK_TOKENS
@@ -58,7 +59,7 @@ def _run_case(name: str) -> float:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
                                           c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
     finally:  # the next case runs in this process with the defaults
-        os.environ.pop("MSA_EXTEND_KSUB", None)
+        os.environ.pop("MSA_EXTEND_TILE_ROWS", None)
         _attn_kvmajor._CHUNK_TOKENS = chunk_tokens
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
@@ -77,7 +78,7 @@ def test_extend_matches_reference_in_interpreter(interpreter_report: dict, name:
     assert row["rel_err"] < BOUND, f"{name}: relative error {row['rel_err']:.3g} >= {BOUND}"
 
 
-def test_extend_rejects_bad_inputs() -> None:
+def test_extend_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     from msa_kernels import MSAInputError
     from msa_kernels.triton import extend_attention
     from msa_kernels.triton._attn_cases import build_case
@@ -91,6 +92,9 @@ def test_extend_rejects_bad_inputs() -> None:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache[:-1], c.v_cache[:-1], c.selected)
     with pytest.raises(MSAInputError, match="out"):
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, out=c.q[:, :8])
+    monkeypatch.setenv("MSA_EXTEND_TILE_ROWS", "256")
+    with pytest.raises(MSAInputError, match="MSA_EXTEND_TILE_ROWS"):
+        extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected)
 
 
 def test_tma_descriptors_only_for_addressable_caches(monkeypatch: pytest.MonkeyPatch) -> None:

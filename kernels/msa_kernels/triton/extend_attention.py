@@ -11,9 +11,10 @@ Why this shape (numbers for M3 on one H100: 2,048 new tokens, 16 blocks x 128 ke
   (write + read) at T = 2,048, ~0.35 ms at 3 TB/s: already more than the 0.34 ms that 400 TFLOP/s allows
   for the whole 137 GFLOP.
 - So the merge stays on chip. The main pass tiles QG consecutive queries of one request with the G heads of
-  one KV group (M = QG x G = 128 rows: 8 queries x 16 heads at TP4 / full model, 16 x 8 at TP8) and walks
+  one KV group (M = QG x G = TILE_ROWS = 64 rows: 4 queries x 16 heads at TP4 / full model, 8 x 8 at TP8;
+  128 rows until round 7) and walks
   the *union* of their selected blocks in one online softmax; a row whose query did not pick the current
-  block is masked (a per-block bitmask of the tile's queries). Every K/V tile loaded feeds 128 rows and no
+  block is masked (a per-block bitmask of the tile's queries). Every K/V tile loaded feeds all M rows and no
   partial leaves the SM. Useful fraction = sum of per-query selections / (QG x |union|): consecutive
   queries share their local block and, in real selections, recent and "hot" blocks, so with high overlap
   |union| is close to 16; with random selections it grows toward QG x 15 + 1 (~108 measured).
@@ -38,7 +39,11 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
 - round 7: whole pages load through TMA (below) with 3 stages in flight: the union pass went 466 -> 409 us at
   batch 1 (336 TFLOP/s of kernel time; H100 and H200 alike) and 3.53 -> 3.06 ms at batch 8 (H200); the layer
   is 4.38x upstream at batch 1 and 3.55x at batch 8 (H100, benchmarks/results/msa_kernels_r7_notes.md).
-  The KV-major pass was rewritten into per-block segments (K/V loaded once per segment); not yet timed.
+  The KV-major pass was rewritten into per-block segments (K/V loaded once per segment).
+- round 8 (H200): 64-row tiles (TILE_ROWS) took the union pass to 377 us at batch 1 and 2.84 ms at batch 8.
+  The KV-major segment pass, timed at last, loses: 1,683 us against 1,086 us for the wide pass on random
+  selections (segments 763 us, the partials' merge 879 us, the union pass 41 us), 48.1 against 32.0 ms for
+  prefill 64k. Writing and reading the partials costs more than the K/V reloads they save.
 
 K/V loads. The union pass's blocks that lie wholly before every query of its tile are whole, written pages, and
 load with one TMA (bulk tensor copy) per step (`_attn_common.tma_descriptor`; `tma=False` or MSA_TMA=0 gathers
@@ -68,11 +73,18 @@ from ..plan import MSAPlan
 from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, kv_descriptors, next_pow2, score_scale
 from ._attn_kvmajor import kv_major_pass
 
-_ROWS = 128  # MMA rows per tile: queries x heads of one KV group
-# A tile whose union holds more blocks than this goes to the wide pass. Measured on an H100 (2,048 queries,
-# 64/4 heads): the union walk costs ~23 us per block of average union width plus ~110 us, and a query-major
-# pass ~1.6 ms (upstream's rate), so the crossover sits near a union of 64 blocks.
-UNION_MAX = 64
+_ROWS = 128  # the most MMA rows of one tile: a KV group larger than this is refused
+# MMA rows per union tile (queries x heads of one KV group): 64 since round 8, 4 queries x 16 heads. Against
+# 128 rows (8 queries), the union pass took 7% less time on an H200 (extend B=1 overlap 408 -> 377 us, B=8
+# shared 3,064 -> 2,842 us): a 64-row program holds half the shared memory and registers, so two share an SM
+# and one's softmax overlaps the other's MMAs, and a 4-query union wastes fewer rows on blocks only some
+# queries picked.
+TILE_ROWS = 64
+# A tile whose union holds more blocks than this goes to the wide pass. Round 8 (H200, 2,048 random queries on
+# a 60k prefix, 4-query tiles, union ~60): the union walk costs ~21.5 us per block of average union width,
+# the query-major wide pass ~1,045 us, so the crossover sits near 48 blocks (measured: 1,086 us with 48,
+# 1,294 us with 64, where random tiles stay in the union walk). With 8-query tiles it sat near 64.
+UNION_MAX = 48
 
 
 @triton.jit
@@ -162,7 +174,7 @@ def _extend_kernel(
     v_base = v_ptr + kvh * stride_vh + cols[None, :]
     # The first loop's blocks are whole pages a request wrote, so with TMA (k_desc/v_desc) each step is one
     # bulk copy; the second loop keeps masked gathers: slots past a sequence's end may hold anything (NaN).
-    # Each block is walked in KSUB-key steps: 64 for the 128-row union pass (4 warps; 21% faster than 128
+    # Each block is walked in KSUB-key steps: 64 for the union pass (4 warps; 21% faster than 128
     # keys / 8 warps on an H100, see _launch), 128 for the 16-row query-major wide pass. ptxas reports
     # 255 registers either way (spills: ~450 B per thread at KSUB 128 / 8 warps, ~80 B at 64 / 8 warps).
     nk = tl.arange(0, KSUB)
@@ -197,8 +209,12 @@ def _extend_kernel(
 
 
 def queries_per_tile(group: int) -> int:
-    """Queries stacked in one 128-row tile (at most 16: the per-block query bitmask is an int32)."""
-    return max(1, min(16, _ROWS // group))
+    """Queries stacked in one TILE_ROWS-row tile (at most 16: the per-block query bitmask is an int32).
+    MSA_EXTEND_TILE_ROWS (A/B knob for benchmarks, <= 128) changes the tile."""
+    rows = int(os.environ.get("MSA_EXTEND_TILE_ROWS", TILE_ROWS))
+    if not 16 <= rows <= _ROWS:
+        raise MSAInputError(f"MSA_EXTEND_TILE_ROWS must be within 16..{_ROWS}, got {rows}")
+    return max(1, min(16, rows // group))
 
 
 def _tiles(plan: MSAPlan, qg: int, device: torch.device):
@@ -291,7 +307,8 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     gate_wide, gate_tile_of = gate if gate is not None else (wide, tile_of)
     knob = "WIDE_" if gate is not None else ""  # the gated (wide) pass has its own knobs
     # Measured on an H100 (round 2, 2,048 queries on a 60k prefix, high-overlap selections, union pass):
-    # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us; the query-major wide
+    # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us (128-row tiles; 64-row
+    # tiles since round 8 keep KSUB 64, 4 warps, 3 stages: 2 stages tied, KSUB 32 was slower); the query-major wide
     # pass (M = 16) was best at its old setting (KSUB 128, 4 warps: 1.36 ms; 2 warps 1.37, 8 warps 1.60,
     # KSUB 32 1.78 ms on random selections).
     # TMA, round 7 (H200, same inputs, attention kernel time per layer): the union pass 467 us gathered,
@@ -300,7 +317,7 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     # it keeps gathered loads unless MSA_EXTEND_WIDE_TMA=1. H100 (third call): 466 -> 409 us for the union
     # pass. Tried there and dropped: the scale folded into one FMA with a per-row mask (419 us), Triton's
     # Hopper warp specialization of the whole-page loop (fails to compile in Triton 3.6).
-    union_pass = gate is None and rows >= 128
+    union_pass = gate is None and rows >= 64
     num_warps = int(os.environ.get(f"MSA_EXTEND_{knob}WARPS", 4))
     ksub = int(os.environ.get(f"MSA_EXTEND_{knob}KSUB", os.environ.get("MSA_EXTEND_KSUB", 64 if union_pass else 128)))
     if gate is not None:

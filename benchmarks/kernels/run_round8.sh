@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Round 8 device calls (issue 3). Usage on the device machine, from the repository root:
+#   bash benchmarks/kernels/run_round8.sh [union,extend,prefill]
+#   check: pytest -m gpu of the extend attention (full M3 shapes)
+#   union: the union pass's kernel time (extend B=1 and B=8 overlap) at fewer keys per step (KSUB 32), which
+#          halves its shared memory so that two programs can share an SM, against the defaults (KSUB 64, 3 stages)
+#   rows64: 64-row union tiles (4 queries x 16 heads, MSA_EXTEND_TILE_ROWS=64): half the shared memory, so two
+#          programs per SM, and narrower unions (random selections then mostly stay in the union pass)
+#   extend / prefill: bench_msa's section against upstream with the defaults (64-row scoring tiles since round 7)
+# Everything lands in $OUT/r8 and is packed into $OUT/r8.tgz at exit.
+set -u
+source "$(dirname "$0")/device_out.sh"
+device_out r8
+STEPS=${1:-union}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+if has check; then
+  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
+  tail -1 "$OUT/gpu_tests.log"
+fi
+if has union; then
+  for s in "MSA_NONE=1" "MSA_EXTEND_KSUB=32" "MSA_EXTEND_KSUB=32 MSA_EXTEND_STAGES=4" \
+           "MSA_EXTEND_KSUB=32 MSA_EXTEND_STAGES=2" "MSA_EXTEND_STAGES=2" "MSA_NONE=2"; do
+    for c in extend_b1_overlap extend_b8_overlap_shared; do kernel_times $c _extend_kernel $s; done
+  done
+fi
+if has rows64; then
+  R64="MSA_EXTEND_TILE_ROWS=64 MSA_EXTEND_KSUB=64 MSA_EXTEND_WIDE_KSUB=128"
+  for c in extend_b1_overlap extend_b8_overlap_shared extend_b1_random; do
+    kernel_times $c _extend_kernel MSA_NONE=1
+    kernel_times $c _extend_kernel $R64
+    kernel_times $c _extend_kernel $R64 MSA_EXTEND_STAGES=2
+  done
+  kernel_times extend_b1_random _extend_kernel $R64 MSA_EXTEND_UNION_MAX=48
+  kernel_times extend_b1_random _score_kernel MSA_NONE=1
+fi
+if has extend; then bench_eager r8 extend; fi
+if has prefill; then bench_eager r8 prefill; fi
