@@ -11,14 +11,14 @@ Why this shape (numbers for M3 on one H100: 2,048 new tokens, 16 blocks x 128 ke
   (write + read) at T = 2,048, ~0.35 ms at 3 TB/s: already more than the 0.34 ms that 400 TFLOP/s allows
   for the whole 137 GFLOP.
 - So the merge stays on chip. The main pass tiles QG consecutive queries of one request with the G heads of
-  one KV group (M = QG x G = TILE_ROWS = 64 rows: 4 queries x 16 heads at TP4 / full model, 8 x 8 at TP8;
-  128 rows until round 7) and walks
+  one KV group (M = QG x G = 128 rows: 8 queries x 16 heads at TP4 / full model, 16 x 8 at TP8; 64 rows
+  on an H200, see `tile_rows`) and walks
   the *union* of their selected blocks in one online softmax; a row whose query did not pick the current
   block is masked (a per-block bitmask of the tile's queries). Every K/V tile loaded feeds all M rows and no
   partial leaves the SM. Useful fraction = sum of per-query selections / (QG x |union|): consecutive
   queries share their local block and, in real selections, recent and "hot" blocks, so with high overlap
   |union| is close to 16; with random selections it grows toward QG x 15 + 1 (~108 measured).
-- Tiles whose union exceeds UNION_MAX go to a second, "wide" pass. Default: the same kernel with one query
+- Tiles whose union exceeds UNION_MAX_BY_ROWS go to a second, "wide" pass. Default: the same kernel with one query
   per tile (M = G rows, each query's own <= 16 blocks: upstream's query-major work, no waste), gated on
   device by the first pass's per-tile flags: no host sync, so the call stays CUDA-graph capturable.
   Opt-in (`wide_pass="kv_major"`, env MSA_EXTEND_WIDE_PASS): the KV-major pass of `_attn_kvmajor` (sorted
@@ -40,7 +40,8 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
   batch 1 (336 TFLOP/s of kernel time; H100 and H200 alike) and 3.53 -> 3.06 ms at batch 8 (H200); the layer
   is 4.38x upstream at batch 1 and 3.55x at batch 8 (H100, benchmarks/results/msa_kernels_r7_notes.md).
   The KV-major pass was rewritten into per-block segments (K/V loaded once per segment).
-- round 8 (H200): 64-row tiles (TILE_ROWS) took the union pass to 377 us at batch 1 and 2.84 ms at batch 8.
+- round 8: 64-row tiles took the union pass to 377 us at batch 1 and 2.84 ms at batch 8 on an H200, and made it
+  10-13% slower on an H100 (see TILE_ROWS): the H200 now runs 64 rows, other cards 128.
   The KV-major segment pass, timed at last, loses: 1,683 us against 1,086 us for the wide pass on random
   selections (segments 763 us, the partials' merge 879 us, the union pass 41 us), 48.1 against 32.0 ms for
   prefill 64k. Writing and reading the partials costs more than the K/V reloads they save.
@@ -62,6 +63,7 @@ CUDA-graph capture).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -74,17 +76,20 @@ from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, kv_descriptor
 from ._attn_kvmajor import kv_major_pass
 
 _ROWS = 128  # the most MMA rows of one tile: a KV group larger than this is refused
-# MMA rows per union tile (queries x heads of one KV group): 64 since round 8, 4 queries x 16 heads. Against
-# 128 rows (8 queries), the union pass took 7% less time on an H200 (extend B=1 overlap 408 -> 377 us, B=8
-# shared 3,064 -> 2,842 us): a 64-row program holds half the shared memory and registers, so two share an SM
-# and one's softmax overlaps the other's MMAs, and a 4-query union wastes fewer rows on blocks only some
-# queries picked.
-TILE_ROWS = 64
-# A tile whose union holds more blocks than this goes to the wide pass. Round 8 (H200, 2,048 random queries on
-# a 60k prefix, 4-query tiles, union ~60): the union walk costs ~21.5 us per block of average union width,
-# the query-major wide pass ~1,045 us, so the crossover sits near 48 blocks (measured: 1,086 us with 48,
-# 1,294 us with 64, where random tiles stay in the union walk). With 8-query tiles it sat near 64.
-UNION_MAX = 48
+# MMA rows per union tile (queries x heads of one KV group) and the union width above which a tile goes to the
+# wide pass, per card. Round 8, union pass kernel time, same call on each card (2,048 queries on a 60k prefix):
+# - H200: 64 rows (4 queries x 16 heads) beat 128: B=1 overlap 408 -> 377 us, B=8 shared 3,064 -> 2,842 us. A
+#   64-row program holds half the shared memory and registers, so two share an SM and one's softmax overlaps
+#   the other's MMAs.
+# - H100: 64 rows lost: 408 -> 449 us and 3,026 -> 3,415 us. Twice the tiles load each block twice as often,
+#   and the H100 has 70% of the H200's HBM bandwidth. So the H100 (and any other card) keeps 128 rows.
+# UNION_MAX: the union walk costs ~21.5 us per block of average union width on 4-query tiles (H200), the
+# query-major wide pass ~1,045 us on random selections, so that crossover sits near 48 blocks (measured: 1,086
+# us with 48, 1,294 us with 64, where random 4-query tiles, union ~60, stay in the union walk). On 8-query
+# tiles it sat near 64 (H100, round 2: ~23 us per block plus ~110 us against ~1.6 ms).
+_TILE_ROWS_BY_CARD = {"H200": 64}
+TILE_ROWS = 128
+UNION_MAX_BY_ROWS = {128: 64, 64: 48}
 
 
 @triton.jit
@@ -208,13 +213,30 @@ def _extend_kernel(
              o.to(out_ptr.dtype.element_ty), mask=(row_ok & ~skip)[:, None])
 
 
-def queries_per_tile(group: int) -> int:
-    """Queries stacked in one TILE_ROWS-row tile (at most 16: the per-block query bitmask is an int32).
-    MSA_EXTEND_TILE_ROWS (A/B knob for benchmarks, <= 128) changes the tile."""
-    rows = int(os.environ.get("MSA_EXTEND_TILE_ROWS", TILE_ROWS))
-    if not 16 <= rows <= _ROWS:
-        raise MSAInputError(f"MSA_EXTEND_TILE_ROWS must be within 16..{_ROWS}, got {rows}")
-    return max(1, min(16, rows // group))
+def tile_rows(device: torch.device | str | None = None) -> int:
+    """MMA rows of a union tile on this device: MSA_EXTEND_TILE_ROWS (A/B knob, 16..128) if set, else the
+    card's measured best (_TILE_ROWS_BY_CARD), else TILE_ROWS."""
+    env = os.environ.get("MSA_EXTEND_TILE_ROWS")
+    if env is not None:
+        rows = int(env)
+        if not 16 <= rows <= _ROWS:
+            raise MSAInputError(f"MSA_EXTEND_TILE_ROWS must be within 16..{_ROWS}, got {rows}")
+        return rows
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return TILE_ROWS
+    return _card_tile_rows(torch.cuda.get_device_name(dev))
+
+
+@functools.cache
+def _card_tile_rows(card: str) -> int:
+    return next((rows for name, rows in _TILE_ROWS_BY_CARD.items() if name in card), TILE_ROWS)
+
+
+def queries_per_tile(group: int, device: torch.device | str | None = None) -> int:
+    """Queries stacked in one union tile of `tile_rows(device)` rows (at most 16: the per-block query bitmask
+    is an int32)."""
+    return max(1, min(16, tile_rows(device) // group))
 
 
 def _tiles(plan: MSAPlan, qg: int, device: torch.device):
@@ -255,7 +277,7 @@ def sparse_attention(
     """Extend/prefill attention: q [T, Hq, D] (the plan's new tokens), selected [T, Hkv, topk] -> [T, Hq, D].
 
     `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `union_max` sets
-    the union width above which a tile goes to the wide pass (default UNION_MAX, env MSA_EXTEND_UNION_MAX;
+    the union width above which a tile goes to the wide pass (default UNION_MAX_BY_ROWS, env MSA_EXTEND_UNION_MAX;
     -1 sends every tile there, a huge value none); `wide_pass` picks it: "query" (default, env
     MSA_EXTEND_WIDE_PASS) or "kv_major". `tma` loads whole pages with TMA (default: env MSA_TMA, on; see
     `_attn_common.kv_descriptors`)."""
@@ -269,10 +291,11 @@ def sparse_attention(
     group = hq // hkv
     if group > _ROWS:
         raise MSAInputError(f"a KV group of {group} query heads exceeds the {_ROWS}-row tile")
-    qg = queries_per_tile(group)
+    rows = tile_rows(q.device)
+    qg = queries_per_tile(group, q.device)
     topk = selected.shape[2]
     if union_max is None:
-        union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX))
+        union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX_BY_ROWS.get(rows, 64)))
     if wide_pass is None:
         wide_pass = os.environ.get("MSA_EXTEND_WIDE_PASS", "query")
     if wide_pass not in ("query", "kv_major"):
