@@ -21,7 +21,10 @@ Measured: the first version (one program per QB-entry tile, K/V reloaded per til
 share of tiles) took 2.90 ms on an H100 with random selections at 2,048 queries on a 60k prefix, every tile sent
 here, against 1.62 ms for upstream. Each tile waited on a chain of dependent loads, and there was no loop for
 Triton to pipeline. This segment form (round 7) loads K/V once per segment and pipelines the entry -> query-row
-loads across the segment's chunks. It is correct on the CPU interpreter and on no GPU yet: its speed is unmeasured.
+loads across the segment's chunks. Round 8 (H200, same inputs, attention kernels per layer): 1,683 us against
+1,086 us for the query-major wide pass, and 48.1 against 32.0 ms for prefill 64k. The segments alone (763 us)
+beat the wide pass; `merge_kernel` (879 us, ~1.2 TB/s over the partials) is what loses, and even at full HBM
+bandwidth the pass would only tie. Kept opt-in for that reason; see benchmarks/results/msa_kernels_r8_notes.md.
 """
 
 from __future__ import annotations
