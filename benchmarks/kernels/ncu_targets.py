@@ -3,7 +3,7 @@
     ncu --kernel-name regex:_score_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight ... \
         python3 benchmarks/kernels/ncu_targets.py extend_b1_random
 
-Cases: decode_b1_60k, decode_b8_shared_60k (graph plan, as served), extend_b1_random, extend_b1_overlap,
+Cases: decode_b1_60k, decode_b8_shared_60k, decode_b32_60k (graph plan, as served), extend_b1_random, extend_b1_overlap,
 extend_b8_overlap_shared, prefill_64k (M3 shapes, bench_msa's inputs).
 Each case runs its layer (index top-k, then attention) 5 times on the same inputs; `--profile` then prints each
 kernel's time per layer from torch.profiler (warm caches).
@@ -28,6 +28,7 @@ from msa_kernels import ops  # noqa: E402
 CASES = {
     "decode_b1_60k": ([60000], [1], False, "random"),
     "decode_b8_shared_60k": ([60000] * 8, [1] * 8, True, "random"),
+    "decode_b32_60k": ([60000] * 32, [1] * 32, False, "random"),
     "extend_b1_random": ([59904 + 2048], [2048], False, "random"),
     "extend_b1_overlap": ([59904 + 2048], [2048], False, "overlap"),
     "extend_b8_overlap_shared": ([59904 + 2048] * 8, [2048] * 8, True, "overlap"),
