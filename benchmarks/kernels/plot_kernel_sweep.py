@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LINE = re.compile(r"^(?P<case>\S+)\s+(?P<rest>.*?)\s+(?P<us>[\d.]+) us/layer$")
-KERNELS = ("extend attention", "_extend_kernel", "_score_kernel")
+KERNELS = ("extend attention", "_extend_kernel", "_decode_kernel", "_score_kernel")
 
 
 def parse(path: str) -> dict[tuple[str, str, str], list[tuple[str, float]]]:
@@ -32,7 +32,7 @@ def parse(path: str) -> dict[tuple[str, str, str], list[tuple[str, float]]]:
         rest, kernel = m["rest"], "attention"
         for k in KERNELS:
             if rest.endswith(k):
-                rest, kernel = rest[: -len(k)].strip(), "attention" if "extend" in k else "scoring"
+                rest, kernel = rest[: -len(k)].strip(), "scoring" if "score" in k else "attention"
         setting = rest.replace("MSA_NONE=1", "defaults").replace("MSA_NONE=2", "defaults") or "defaults"
         groups[(call, m["case"], kernel)].append((setting, float(m["us"])))
     return groups

@@ -6,8 +6,8 @@
 #          halves its shared memory so that two programs can share an SM, against the defaults (KSUB 64, 3 stages)
 #   rows64: 64-row union tiles (4 queries x 16 heads, MSA_EXTEND_TILE_ROWS=64): half the shared memory, so two
 #          programs per SM, and narrower unions (random selections then mostly stay in the union pass)
-#   decode_tma: GPU decode tests, then the decode attention kernel's time with K/V units through TMA
-#          (MSA_DECODE_TMA=1) against gathered loads, at B=1, B=8 on a shared prefix and B=32, 60k
+#   (call 8 ran a step decode_tma: the GPU decode tests, then the decode attention kernel with K/V units through
+#   TMA against gathered loads; measured no faster, that switch and the step were removed)
 #   extend / prefill: bench_msa's section against upstream with the defaults (64-row scoring tiles since round 7)
 # Everything lands in $OUT/r8 and is packed into $OUT/r8.tgz at exit.
 set -u
@@ -46,13 +46,6 @@ if has rows_ab; then  # 128-row tiles (rounds 2-7) against the 64-row default, i
   env $R128 python3 benchmarks/kernels/bench_msa.py --only extend --match overlap --budget-s 100 --tag r8_extend_rows128 \
     --out "$OUT/bench" > "$OUT/bench_extend_rows128.log" 2>&1
   grep "^| extend B=" "$OUT/bench"/*r8_extend_rows128.md | head -2 | cut -c1-140
-fi
-if has decode_tma; then
-  timeout 120 python3 -m pytest -q -m gpu tests/kernels/test_decode_attention.py > "$OUT/gpu_tests_decode.log" 2>&1
-  tail -1 "$OUT/gpu_tests_decode.log"
-  for c in decode_b1_60k decode_b8_shared_60k decode_b32_60k; do
-    for s in "MSA_DECODE_TMA=0" "MSA_DECODE_TMA=1" "MSA_NONE=1"; do kernel_times $c _decode_kernel $s; done
-  done
 fi
 if has extend; then bench_eager r8 extend; fi
 if has prefill; then bench_eager r8 prefill; fi

@@ -15,22 +15,16 @@ import pytest
 import torch
 from interpreter_child import interpreter_report as run_interpreter_child
 
-# name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge, q dtype,
-#          TMA loads of K/V units)
+# name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge, q dtype)
 CASES = {
-    "mixed_lengths_fused": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True, torch.float16, False),
-    "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False, torch.float16,
-                                 False),
-    "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16, False),
-    "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16, False),
-    "half_page_units_32_splits": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True, torch.float16, False),
-    "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16, False),
-    # K/V units through TMA (MSA_DECODE_TMA): whole units copied, rows past a sequence's end masked and zeroed
-    "mixed_lengths_tma": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True, torch.float16, True),
-    "half_page_units_tma": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True, torch.float16, True),
-    "fp8_cache_tma": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16, True),
+    "mixed_lengths_fused": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, True, torch.float16),
+    "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False, torch.float16),
+    "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16),
+    "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16),
+    "half_page_units_32_splits": ([4000, 257], 16, 1, 64, None, "random", (64, 32), True, torch.float16),
+    "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16),
     # bf16 q on an fp8 cache: the products run in fp16 (fp8_in_f16); the output is bf16, hence its bound.
-    "fp8_cache_bf16_q": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16, False),
+    "fp8_cache_bf16_q": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
 }
 # fp16 q/k/v, fp32 accumulation (fp8 is compared with its own dequantized values); bf16 outputs round at 2^-8.
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -41,7 +35,7 @@ def _run_case(name: str) -> float:
     from msa_kernels.triton import decode_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
 
-    seqs, hq, hkv, dim, cache, style, cfg, fused, q_dtype, tma = CASES[name]
+    seqs, hq, hkv, dim, cache, style, cfg, fused, q_dtype = CASES[name]
     c = build_case(seqs, [1] * len(seqs), hq, hkv, dim=dim, dtype=q_dtype,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     if cfg:
@@ -54,7 +48,7 @@ def _run_case(name: str) -> float:
     for _ in range(2):  # the second call reuses the plan's partials and tickets: they must be left clean
         out = torch.full_like(c.q, float("nan"))
         decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
-                                          c.v_scale, fused_merge=fused, out=out, tma=tma)
+                                          c.v_scale, fused_merge=fused, out=out)
         ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
         worst = max(worst, rel_error(out, ref))
         for bufs in c.plan.extras.values():
@@ -79,7 +73,7 @@ def test_decode_matches_reference_in_interpreter(interpreter_report: dict, name:
     assert row["rel_err"] < bound, f"{name}: relative error {row['rel_err']:.3g} >= {bound}"
 
 
-def test_decode_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_rejects_bad_inputs() -> None:
     from msa_kernels import MSAInputError
     from msa_kernels.triton import decode_attention
     from msa_kernels.triton._attn_cases import build_case
@@ -99,9 +93,6 @@ def test_decode_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     ext = build_case([300], [5], 16, 1, dim=64, dtype=torch.float16)
     with pytest.raises(MSAInputError, match="one new token"):
         decode_attention.sparse_attention(ext.plan, ext.q, ext.k_cache, ext.v_cache, ext.selected)
-    monkeypatch.setenv("MSA_DECODE_TMA", "on")
-    with pytest.raises(MSAInputError, match="MSA_DECODE_TMA"):
-        decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected)
 
 
 @pytest.mark.gpu
@@ -118,17 +109,16 @@ def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None) ->
     c = build_case(seqs, [1] * len(seqs), hq, hkv, dtype=torch.bfloat16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, device="cuda")
     ref = gathered_reference(c)
-    for fused, tma in ((True, False), (False, False), (True, True)):
+    for fused in (True, False):
         out = torch.full_like(c.q, float("nan"))
         decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
-                                          c.v_scale, fused_merge=fused, out=out, tma=tma)
-        assert rel_error(out, ref) < 1e-2, (fused, tma)
+                                          c.v_scale, fused_merge=fused, out=out)
+        assert rel_error(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tma", [False, True])
-def test_decode_replays_in_cuda_graph(tma: bool) -> None:
+def test_decode_replays_in_cuda_graph() -> None:
     """Captured once, replayed on new selections: tickets must reset and partials must not go stale."""
     from msa_kernels.triton import decode_attention
     from msa_kernels.triton._attn_cases import build_case, random_selection, rel_error
@@ -136,11 +126,11 @@ def test_decode_replays_in_cuda_graph(tma: bool) -> None:
 
     c = build_case([60000, 9000, 300, 129], [1] * 4, 64, 4, dtype=torch.bfloat16, device="cuda")
     sel = c.selected.clone()
-    decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel, tma=tma)  # buffers before capture
+    decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel)  # buffers made before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel, tma=tma)
+        out = decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, sel)
     gen = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     for _ in range(3):
         sel.copy_(random_selection(c.plan.q_pos, 4, "random", gen))

@@ -47,7 +47,6 @@ from ._attn_common import (
     check_attention_inputs,
     fp8_in_f16,
     is_fp8,
-    kv_descriptors,
     merge_partials,
     next_pow2,
     score_scale,
@@ -58,13 +57,13 @@ from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 @triton.jit(do_not_specialize=["stride_pb"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, k_desc, v_desc,
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
     stride_ot, stride_oh,
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
+    F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
@@ -95,24 +94,17 @@ def _decode_kernel(
         page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
         tok = sub * CHUNK + n
         valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
-        if TMA:  # one bulk copy per unit; rows past the sequence's end are masked below (s) and zeroed (v)
-            slot0 = (page * BLOCK + sub * CHUNK).to(tl.int32)
-            k = k_desc.load([slot0, kvh * D])
-        else:
-            slot = page * BLOCK + tok
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
+        slot = page * BLOCK + tok
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA:  # unwritten slots may hold anything (NaN in the tests): p = 0 there, but 0 x NaN is NaN
-            v = tl.where(valid[:, None], v_desc.load([slot0, kvh * D]).to(q.dtype), 0.0)
-        else:
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -193,18 +185,6 @@ def _work_buffers(plan: MSAPlan, device: torch.device, pairs: int, nsplit: int, 
     return bufs
 
 
-def _tma_wanted(tma: bool | None) -> bool | None:
-    """Whether decode loads K/V units through TMA (`kv_descriptors`' `use`): `tma` if given (True: where the
-    cache layout allows it), else MSA_DECODE_TMA (0 or 1, default 0; 1 then defers to MSA_TMA). Off by default
-    until a device run shows it faster; the gathered loads are at 92% of the bytes bound at batch 32."""
-    if tma is not None:
-        return tma
-    flag = os.environ.get("MSA_DECODE_TMA", "0")
-    if flag not in ("0", "1"):
-        raise MSAInputError(f"MSA_DECODE_TMA must be 0 or 1, got {flag!r}")
-    return None if flag == "1" else False
-
-
 def sparse_attention(
     plan: MSAPlan,
     q: torch.Tensor,
@@ -217,12 +197,10 @@ def sparse_attention(
     *,
     fused_merge: bool | None = None,
     out: torch.Tensor | None = None,
-    tma: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (one token per request), selected [B, Hkv, topk] -> [B, Hq, D].
 
-    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `tma` loads K/V
-    units through TMA (see _tma_wanted; off by default)."""
+    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one."""
     if not plan.is_decode:
         raise MSAInputError("decode attention needs one new token per request (plan.q_lens all 1)")
     hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
@@ -246,15 +224,13 @@ def sparse_attention(
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
     part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
-    descs = kv_descriptors(k_cache, v_cache, chunk, _tma_wanted(tma))
-    k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
     _decode_kernel[(pairs, nsplit)](
-        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets, k_desc, v_desc,
+        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), TMA=descs is not None, num_warps=4,
+        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), num_warps=4,
         num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )
