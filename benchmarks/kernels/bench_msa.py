@@ -118,7 +118,11 @@ def extend_cases(grid: str) -> list[ExtendCase]:
 def prefill_cases(grid: str) -> list[ExtendCase]:
     if grid == "tiny":
         return [ExtendCase(1, 700, 0, "random")]
-    return [ExtendCase(1, 16384 if grid == "quick" else 65536, 0, "random")]
+    if grid == "quick":
+        return [ExtendCase(1, 16384, 0, "random")]
+    # random selections (the stress case: most tiles go to the wide pass) and high-overlap ones (each query's
+    # most recent blocks, the shape local attention gives)
+    return [ExtendCase(1, 65536, 0, sel) for sel in ("random", "overlap")]
 
 
 def decode_touched_bytes(batch: int, context: int, shared_prefix: bool = False, fp8: bool = False) -> int:
