@@ -98,6 +98,22 @@ def test_chat_plain_and_streamed(gateway):
     assert sorted(streamed) == sorted(whole)
 
 
+def test_streamed_logprobs_match_whole(gateway):
+    """Workers stream deltas (--incremental-streaming-output): each token's logprob arrives once, in order."""
+    url, _ = gateway
+    c = client(url)
+    kw = dict(model="tiny-m3", messages=[{"role": "user", "content": "Count to five."}], max_tokens=12,
+              temperature=0, logprobs=True, top_logprobs=2)
+    whole = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert len(streamed) == chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
+    assert [t.token for t in streamed] == [t.token for t in whole.choices[0].logprobs.content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole.choices[0].logprobs.content],
+                                                          abs=1e-3)
+
+
 def test_tools_logprobs_and_completions(gateway):
     url, _ = gateway
     c = client(url)

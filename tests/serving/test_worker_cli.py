@@ -28,6 +28,7 @@ def test_launch_has_m3_settings(tiny_checkpoint):
     assert cmd[cmd.index("--attention-backend") + 1] == "torch_native"
     assert cmd[cmd.index("--device") + 1] == "cpu"
     assert cmd[-2:] == ["--max-total-tokens", "4096"]  # SGLang arguments pass through
+    assert cmd.count("--incremental-streaming-output") == 1  # deltas, not the whole output in every event
     assert launch.env["SGLANG_PLATFORM"] == "m3serve_portable"
     assert launch.env["M3SERVE_M3_PLUGIN"] == "1"
     assert launch.env["SGLANG_OPT_USE_BF16_ROUTER_GEMM"] == "0"
