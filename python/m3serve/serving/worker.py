@@ -195,7 +195,8 @@ def build_launch(argv: list[str], environ: dict[str, str] | None = None) -> Work
     if not _has_flag(extra, "--incremental-streaming-output"):
         # Streamed /generate events carry only the new text and token ids. SGLang's default repeats the whole
         # output so far in every event: O(n^2) bytes that the worker serializes and the gateway parses
-        # (35 MB for one 3,000-token reply on the tiny model, 0.87 MB incremental). The gateway reads both.
+        # (16 MB for one 2,000-token reply on the tiny model, 0.58 MB as deltas; see
+        # benchmarks/results/worker_stream_mode.md). The gateway reads both.
         command.append("--incremental-streaming-output")
     command += extra
     return WorkerLaunch(command, env, args.model_path, args.host, args.port, device, extra)
