@@ -79,10 +79,11 @@ _ROWS = 128  # the most MMA rows of one tile: a KV group larger than this is ref
 # MMA rows per union tile (queries x heads of one KV group) and the union width above which a tile goes to the
 # wide pass, per card. Round 8, union pass kernel time, same call on each card (2,048 queries on a 60k prefix):
 # - H200: 64 rows (4 queries x 16 heads) beat 128: B=1 overlap 408 -> 377 us, B=8 shared 3,064 -> 2,842 us. A
-#   64-row program holds half the shared memory and registers, so two share an SM and one's softmax overlaps
-#   the other's MMAs.
-# - H100: 64 rows lost: 408 -> 449 us and 3,026 -> 3,415 us. Twice the tiles load each block twice as often,
-#   and the H100 has 70% of the H200's HBM bandwidth. So the H100 (and any other card) keeps 128 rows.
+#   64-row program holds half the shared memory and registers, so two can share an SM, presumably letting one's
+#   softmax overlap the other's MMAs (not profiled).
+# - H100: 64 rows lost: 408 -> 449 us and 3,026 -> 3,415 us. Twice the tiles load each block twice as often;
+#   the likely reason is the H100's lower memory bandwidth (70% of the H200's), also not profiled. So the H100
+#   (and any other card) keeps 128 rows.
 # UNION_MAX: the union walk costs ~21.5 us per block of average union width on 4-query tiles (H200), the
 # query-major wide pass ~1,045 us on random selections, so that crossover sits near 48 blocks (measured: 1,086
 # us with 48, 1,294 us with 64, where random 4-query tiles, union ~60, stay in the union walk). On 8-query
