@@ -183,22 +183,25 @@ def test_radix_cache_multi_turn_conversation(worker):
 
 
 def _stream_generate(worker, ids, n, on_chunk=None, timeout=600):
-    """Stream /generate; returns (output ids, finish reason, number of SSE chunks)."""
+    """Stream /generate; returns (output ids, finish reason, number of SSE chunks). m3serve workers stream
+    deltas (--incremental-streaming-output): each event carries only its new ids, so they are joined here."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}
     req = urllib.request.Request(worker.url + "/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    chunks, last = 0, None
+    chunks, last, ids_out = 0, None, []
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             last = json.loads(line[5:])
+            ids_out += last["output_ids"]
             chunks += 1
+            assert len(ids_out) == last["meta_info"]["completion_tokens"], "events must carry deltas, in order"
             if on_chunk is not None and on_chunk(chunks) is False:
                 return None, None, chunks
-    return last["output_ids"], last["meta_info"]["finish_reason"]["type"], chunks
+    return ids_out, last["meta_info"]["finish_reason"]["type"], chunks
 
 
 def test_eight_concurrent_streams(worker):
