@@ -23,10 +23,10 @@ CASES = {
     "high_overlap_kv_major_only": ([2500, 300], [24, 9], 16, 1, 64, None, "recent", -1, "kv_major", True),
     "group4_two_kv_heads_d128": ([3000, 2500], [5, 9], 8, 2, 128, None, "random", 20, None, True),
     "group4_kv_major": ([3000, 2500], [5, 9], 8, 2, 64, None, "random", 20, "kv_major", True),
-    # hot blocks picked by all 100 queries: runs longer than one KV-major segment (8 chunks x 8 queries)
     "fp8_cache_kv_major": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, "kv_major", True),
     # 130 queries in chunks of 16 (kv_major_pass sorts all chunks at once): chunk slices across two requests
     "kv_major_many_chunks": ([3000, 400], [100, 30], 16, 1, 64, None, "random", -1, "kv_major", True),
+    # hot blocks picked by all 100 queries: runs longer than one KV-major segment (8 chunks x 8 queries)
     "kv_major_long_runs": ([3000, 400], [100, 3], 16, 1, 64, None, "recent", -1, "kv_major", True),
     "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None, True),
     "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),

@@ -4,9 +4,9 @@ When the 8 (or 16) queries of a tile picked mostly different blocks, walking the
 MMA (useful fraction ~1/8). Their (query, KV head, slot) selection entries are instead sorted by
 (request, KV head, block). Each run of entries that picked the same block is cut into segments of at most
 SEGMENT_CHUNKS x QB entries, one program each: the program loads the block's K/V once and walks its entries
-QB at a time (QB x G = 128 rows per MMA), wherever in the batch those queries sit. Each (entry, head) leaves a
-normalized partial o (q's dtype) and its log2-sum-exp at the entry's sorted position; `merge_kernel` folds a
-query's <= 16 partials in one vectorized load.
+QB at a time (QB x G rows per MMA, as in the union tile), wherever in the batch those queries sit. Each
+(entry, head) leaves a normalized partial o (q's dtype) and its log2-sum-exp at the entry's sorted position;
+`merge_kernel` folds a query's <= 16 partials in one vectorized load.
 
 Cost model: partials are 16 x G x 128 x 2 B per (query, KV head), written and read once: 512 KiB per query at
 64 heads, ~1 GiB at 2,048 queries (~0.35 ms at 3 TB/s), against ~0.35-0.45 ms of MMA at 300-400 TFLOP/s. The

@@ -226,18 +226,23 @@ def tile_rows(device: torch.device | str | None = None) -> int:
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
         return TILE_ROWS
-    return _card_tile_rows(torch.cuda.get_device_name(dev))
+    return _device_tile_rows(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
+def _device_tile_rows(index: int) -> int:
+    """Per GPU, once: every extend/prefill layer call asks."""
+    return _card_tile_rows(torch.cuda.get_device_name(index))
+
+
 def _card_tile_rows(card: str) -> int:
     return next((rows for name, rows in _TILE_ROWS_BY_CARD.items() if name in card), TILE_ROWS)
 
 
-def queries_per_tile(group: int, device: torch.device | str | None = None) -> int:
-    """Queries stacked in one union tile of `tile_rows(device)` rows (at most 16: the per-block query bitmask
-    is an int32)."""
-    return max(1, min(16, tile_rows(device) // group))
+def queries_per_tile(group: int, rows: int | None = None) -> int:
+    """Queries stacked in one union tile of `rows` rows (default: `tile_rows()`); at most 16, since the
+    per-block query bitmask is an int32."""
+    return max(1, min(16, (rows if rows is not None else tile_rows()) // group))
 
 
 def _tiles(plan: MSAPlan, qg: int, device: torch.device):
@@ -293,7 +298,7 @@ def sparse_attention(
     if group > _ROWS:
         raise MSAInputError(f"a KV group of {group} query heads exceeds the {_ROWS}-row tile")
     rows = tile_rows(q.device)
-    qg = queries_per_tile(group, q.device)
+    qg = queries_per_tile(group, rows)
     topk = selected.shape[2]
     if union_max is None:
         union_max = int(os.environ.get("MSA_EXTEND_UNION_MAX", UNION_MAX_BY_ROWS.get(rows, 64)))
