@@ -30,7 +30,7 @@ CASES = {
     "kv_major_long_runs": ([3000, 400], [100, 3], 16, 1, 64, None, "recent", -1, "kv_major", True),
     "exactly_16_blocks_and_empty_prefix": ([2048, 200], [3, 200], 16, 1, 64, None, "random", None, None, True),
     "fp8_cache": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),
-    # the H200's 64-row tiles (4 queries x 16 heads; the CPU and other cards run 128): MSA_EXTEND_TILE_ROWS=64
+    # 64-row tiles (4 queries x 16 heads; the default is 128): MSA_EXTEND_TILE_ROWS=64
     "tiles_of_64_rows": ([2100, 129], [20, 40], 16, 1, 64, None, "random", 30, None, True),
     # the gathered (pointer) loads that TMA replaces on whole pages, kept for caches TMA cannot address
     "mixed_lengths_gather_loads": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, False),
@@ -97,20 +97,18 @@ def test_extend_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected)
 
 
-def test_tile_rows_per_card_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tile_rows_default_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
     from msa_kernels import MSAInputError
     from msa_kernels.triton import extend_attention as ea
 
     monkeypatch.delenv("MSA_EXTEND_TILE_ROWS", raising=False)
-    assert ea.tile_rows("cpu") == ea.TILE_ROWS == 128
-    assert ea._card_tile_rows("NVIDIA H200") == 64
-    assert ea._card_tile_rows("NVIDIA H100 80GB HBM3") == 128
+    assert ea.tile_rows() == ea.TILE_ROWS == 128
     assert ea.queries_per_tile(16) == 8 and ea.queries_per_tile(8) == 16 and ea.queries_per_tile(2) == 16
     monkeypatch.setenv("MSA_EXTEND_TILE_ROWS", "64")
     assert ea.queries_per_tile(16) == 4 and ea.queries_per_tile(64) == 1
     monkeypatch.setenv("MSA_EXTEND_TILE_ROWS", "8")
     with pytest.raises(MSAInputError, match="MSA_EXTEND_TILE_ROWS"):
-        ea.tile_rows("cpu")
+        ea.tile_rows()
 
 
 def test_tma_descriptors_only_for_addressable_caches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,16 +11,17 @@ Why this shape (numbers for M3 on one H100: 2,048 new tokens, 16 blocks x 128 ke
   (write + read) at T = 2,048, ~0.35 ms at 3 TB/s: already more than the 0.34 ms that 400 TFLOP/s allows
   for the whole 137 GFLOP.
 - So the merge stays on chip. The main pass tiles QG consecutive queries of one request with the G heads of
-  one KV group (M = QG x G = 128 rows: 8 queries x 16 heads at TP4 / full model, 16 x 8 at TP8; 64 rows
-  on an H200, see `tile_rows`) and walks
+  one KV group (M = QG x G = 128 rows: 8 queries x 16 heads at TP4 / full model, 16 x 8 at TP8; see
+  `TILE_ROWS`) and walks
   the *union* of their selected blocks in one online softmax; a row whose query did not pick the current
   block is masked (a per-block bitmask of the tile's queries). Every K/V tile loaded feeds all M rows and no
   partial leaves the SM. Useful fraction = sum of per-query selections / (QG x |union|): consecutive
   queries share their local block and, in real selections, recent and "hot" blocks, so with high overlap
   |union| is close to 16; with random selections it grows toward QG x 15 + 1 (~108 measured).
-- Tiles whose union exceeds UNION_MAX_BY_ROWS go to a second, "wide" pass. Default: the same kernel with one query
-  per tile (M = G rows, each query's own <= 16 blocks: upstream's query-major work, no waste), gated on
-  device by the first pass's per-tile flags: no host sync, so the call stays CUDA-graph capturable.
+- Tiles whose union exceeds UNION_MAX_BY_ROWS go to a second, "wide" pass. Default: the same kernel over the same
+  tiles, gated on device by the first pass's per-tile flags (no host sync, so the call stays CUDA-graph
+  capturable); a flagged tile's program serves its queries one at a time (M = G rows, each query's own <= 16
+  blocks: upstream's query-major work, no waste), an unflagged one exits after one load.
   Opt-in (`wide_pass="kv_major"`, env MSA_EXTEND_WIDE_PASS): the KV-major pass of `_attn_kvmajor` (sorted
   entries, one program per segment of a block's entries, partials + merge; one host sync).
 
@@ -40,11 +41,14 @@ prefix, eager, median of 5; matmul 777 TFLOP/s, copy 2.98 TB/s in the same run):
   batch 1 (336 TFLOP/s of kernel time; H100 and H200 alike) and 3.53 -> 3.06 ms at batch 8 (H200); the layer
   is 4.38x upstream at batch 1 and 3.55x at batch 8 (H100, benchmarks/results/msa_kernels_r7_notes.md).
   The KV-major pass was rewritten into per-block segments (K/V loaded once per segment).
-- round 8: 64-row tiles took the union pass to 377 us at batch 1 and 2.84 ms at batch 8 on an H200, and made it
-  10-13% slower on an H100 (see TILE_ROWS): the H200 now runs 64 rows, other cards 128.
+- round 8: 64-row tiles took the union pass to 377 us at batch 1 and 2.84 ms at batch 8 on one H200, and made it
+  10-13% slower on an H100; round 9 found them 10% slower on another H200, so every card keeps 128 (TILE_ROWS).
   The KV-major segment pass, timed at last, loses: 1,683 us against 1,086 us for the wide pass on random
   selections (segments 763 us, the partials' merge 879 us, the union pass 41 us), 48.1 against 32.0 ms for
   prefill 64k. Writing and reading the partials costs more than the K/V reloads they save.
+- round 9: the wide pass ran one program per query, each through its tile's whole prologue before its gate said
+  there was nothing to do (65,536 such programs at batch 8 on overlap selections, ~0.26 ms of an H100); they now
+  exit after one flag load. Layer at batch 8, overlap: 3.59x -> 4.01x upstream, attention 396 TFLOP/s useful.
 
 K/V loads. The union pass's blocks that lie wholly before every query of its tile are whole, written pages, and
 load with one TMA (bulk tensor copy) per step (`_attn_common.tma_descriptor`; `tma=False` or MSA_TMA=0 gathers
@@ -63,7 +67,6 @@ CUDA-graph capture).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -77,18 +80,18 @@ from ._attn_kvmajor import kv_major_pass
 
 _ROWS = 128  # the most MMA rows of one tile: a KV group larger than this is refused
 # MMA rows per union tile (queries x heads of one KV group) and the union width above which a tile goes to the
-# wide pass, per card. Round 8, union pass kernel time, same call on each card (2,048 queries on a 60k prefix):
-# - H200: 64 rows (4 queries x 16 heads) beat 128: B=1 overlap 408 -> 377 us, B=8 shared 3,064 -> 2,842 us. A
-#   64-row program holds half the shared memory and registers, so two can share an SM, presumably letting one's
-#   softmax overlap the other's MMAs (not profiled).
-# - H100: 64 rows lost: 408 -> 449 us and 3,026 -> 3,415 us. Twice the tiles load each block twice as often;
-#   the likely reason is the H100's lower memory bandwidth (70% of the H200's), also not profiled. So the H100
-#   (and any other card) keeps 128 rows.
+# wide pass. Union pass kernel time (2,048 queries on a 60k prefix, overlap selections), 128 against 64 rows:
+# - H100 (round 8): 128 rows won, 408 against 449 us at B=1 and 3,026 against 3,415 us at B=8 (shared prefix).
+# - H200, round 8 (one machine): 64 rows won, 408 -> 377 us and 3,064 -> 2,842 us.
+# - H200, round 9 (another machine, two A/B rounds in one call): 128 rows won, 407 against 448 us and 3,062
+#   against 3,405 us; the layer against upstream went 4.22x -> 4.48x (B=1) and 3.53x -> 3.77x (B=8).
+#   Its 128-row times equal round 8's; only the 64-row times moved.
+# So every card runs 128 rows (a 64-row program's win depends on two of them sharing an SM well, which one H200
+# did and the other did not); MSA_EXTEND_TILE_ROWS overrides it for A/B runs.
 # UNION_MAX: the union walk costs ~21.5 us per block of average union width on 4-query tiles (H200), the
 # query-major wide pass ~1,045 us on random selections, so that crossover sits near 48 blocks (measured: 1,086
 # us with 48, 1,294 us with 64, where random 4-query tiles, union ~60, stay in the union walk). On 8-query
 # tiles it sat near 64 (H100, round 2: ~23 us per block plus ~110 us against ~1.6 ms).
-_TILE_ROWS_BY_CARD = {"H200": 64}
 TILE_ROWS = 128
 UNION_MAX_BY_ROWS = {128: 64, 64: 48}
 
@@ -105,25 +108,17 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["stride_pb", "union_max"])
-def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
-    union_ptr, bits_ptr, pages_ptr, wide_ptr, gate_wide_ptr, gate_tile_of_ptr, out_ptr, k_desc, v_desc,
+@triton.jit
+def _tile_attention(
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
-    stride_ot, stride_oh,
-    qk_scale, v_scale, union_max,
-    HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
-    KSUB: tl.constexpr, TMA: tl.constexpr,
+    stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0, qn, kvh, scratch,
+    G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
+    TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, KSUB: tl.constexpr, TMA: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
-    req = tl.load(tile_req_ptr + tile)
-    q0 = tl.load(tile_q0_ptr + tile)
-    qn = tl.load(tile_qn_ptr + tile)
-    if GATED:  # second pass: serve only the queries whose coarse tile the first pass found too wide; the
-        # others see zero queries, so every load below is predicated off and they exit at once
-        qn = tl.where(tl.load(gate_wide_ptr + tl.load(gate_tile_of_ptr + q0) * HKV + kvh) != 0, qn, 0)
+    """One tile: queries q0 .. q0 + qn - 1 (qn <= QG) of request `req` with the G heads of KV head `kvh`, over the
+    union of their selections; `scratch` is the tile's E-entry area in union/bits/pages. Returns whether the union
+    was wider than union_max, in which case nothing was walked or written."""
     seq_len = tl.load(seq_ptr + req)
     page_row = page_ptr + req * stride_pb
     sel_tile = sel_ptr + q0.to(tl.int64) * stride_st + kvh * stride_sh
@@ -158,17 +153,12 @@ def _extend_kernel(
     n_full = tl.sum(full.to(tl.int32), 0)
     n_all = tl.sum(keep.to(tl.int32), 0)
     dest = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1, n_full + tl.cumsum(part.to(tl.int32), 0) - 1)
-    scratch = (tile * HKV + kvh) * E
     tl.store(union_ptr + scratch + dest, x, mask=keep)
     tl.store(bits_ptr + scratch + dest, bits, mask=keep)
     # page ids looked up here, all at once, so the block loops below carry no dependent page-table load
     tl.store(pages_ptr + scratch + dest, tl.load(page_row + x, mask=keep, other=0), mask=keep)
     tl.debug_barrier()  # the scratch written above by all threads is read back below by all threads
-    if GATED:
-        skip = qn == 0
-    else:
-        skip = n_all > union_max  # too little overlap: the wide pass serves this tile instead
-        tl.store(wide_ptr + tile * HKV + kvh, skip.to(tl.int32))
+    skip = n_all > union_max  # too little overlap: the wide pass serves this tile instead
     # a skipped tile walks nothing and writes nothing (zero trip counts keep the loops pipelinable)
     n_full = tl.where(skip, 0, n_full)
     n_all = tl.where(skip, 0, n_all)
@@ -212,31 +202,57 @@ def _extend_kernel(
     o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + t[:, None] * stride_ot + (kvh * G + r % G)[:, None] * stride_oh + cols[None, :],
              o.to(out_ptr.dtype.element_ty), mask=(row_ok & ~skip)[:, None])
+    return skip
 
 
-def tile_rows(device: torch.device | str | None = None) -> int:
-    """MMA rows of a union tile on this device: MSA_EXTEND_TILE_ROWS (A/B knob, 16..128) if set, else the
-    card's measured best (_TILE_ROWS_BY_CARD), else TILE_ROWS."""
+@triton.jit(do_not_specialize=["stride_pb", "union_max"])
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, tile_req_ptr, tile_q0_ptr, tile_qn_ptr,
+    union_ptr, bits_ptr, pages_ptr, wide_ptr, out_ptr, k_desc, v_desc,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
+    stride_ot, stride_oh,
+    qk_scale, v_scale, union_max,
+    HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
+    KSUB: tl.constexpr, TMA: tl.constexpr, QG_TILE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = tl.load(tile_req_ptr + tile)
+    q0 = tl.load(tile_q0_ptr + tile)
+    qn = tl.load(tile_qn_ptr + tile)
+    if GATED:
+        # Second pass, over the first pass's tiles x QG: program (tile, kvh, i) serves query i of a tile that pass
+        # found too wide, alone (QG = 1: its own <= TOPK blocks); the others exit after one flag load. Until round 9
+        # one program per query ran the whole tile prologue before finding nothing to do: ~0.26 ms of an H100 at
+        # batch 8 on high-overlap selections (3,042 -> 2,785 us for both passes). A loop over a tile's queries in one program was slower on random
+        # selections (1,305 against 1,208 us, H100), so each query keeps its own program.
+        part = tl.program_id(2)
+        if tl.load(wide_ptr + tile * HKV + kvh) != 0:
+            if part < qn:
+                _tile_attention(
+                    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
+                    k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st,
+                    stride_sh, stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0 + part, 1, kvh,
+                    ((tile * HKV + kvh) * QG_TILE + part) * E, G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
+    else:
+        skip = _tile_attention(
+            q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
+            k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh,
+            stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0, qn, kvh, (tile * HKV + kvh) * E,
+            G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
+        tl.store(wide_ptr + tile * HKV + kvh, skip.to(tl.int32))
+
+
+def tile_rows() -> int:
+    """MMA rows of a union tile: MSA_EXTEND_TILE_ROWS (A/B knob, 16..128) if set, else TILE_ROWS."""
     env = os.environ.get("MSA_EXTEND_TILE_ROWS")
-    if env is not None:
-        rows = int(env)
-        if not 16 <= rows <= _ROWS:
-            raise MSAInputError(f"MSA_EXTEND_TILE_ROWS must be within 16..{_ROWS}, got {rows}")
-        return rows
-    dev = torch.device(device) if device is not None else None
-    if dev is None or dev.type != "cuda":
+    if env is None:
         return TILE_ROWS
-    return _device_tile_rows(dev.index if dev.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _device_tile_rows(index: int) -> int:
-    """Per GPU, once: every extend/prefill layer call asks."""
-    return _card_tile_rows(torch.cuda.get_device_name(index))
-
-
-def _card_tile_rows(card: str) -> int:
-    return next((rows for name, rows in _TILE_ROWS_BY_CARD.items() if name in card), TILE_ROWS)
+    rows = int(env)
+    if not 16 <= rows <= _ROWS:
+        raise MSAInputError(f"MSA_EXTEND_TILE_ROWS must be within 16..{_ROWS}, got {rows}")
+    return rows
 
 
 def queries_per_tile(group: int, rows: int | None = None) -> int:
@@ -297,7 +313,7 @@ def sparse_attention(
     group = hq // hkv
     if group > _ROWS:
         raise MSAInputError(f"a KV group of {group} query heads exceeds the {_ROWS}-row tile")
-    rows = tile_rows(q.device)
+    rows = tile_rows()
     qg = queries_per_tile(group, rows)
     topk = selected.shape[2]
     if union_max is None:
@@ -312,28 +328,29 @@ def sparse_attention(
     if union_max < qg * topk:  # some tile may be too wide for the union walk
         if wide_pass == "kv_major":
             kv_major_pass(plan, q, k_cache, v_cache, selected, tile_of, wide, out, qk_scale, v_mult, qg)
-        else:  # query-major: one query per tile, its own <= 16 blocks, only for the wide tiles' queries
-            _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, 1, 1 << 30, (wide, tile_of), tma)
+        else:  # query-major: each query of a wide tile alone, over its own <= 16 blocks
+            _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, 1 << 30, wide, tma)
     return out
 
 
 def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, gate, tma):
-    """One union-walk launch over tiles of qg queries. Returns (wide flags per tile and KV head, tile of each
-    token). With `gate` = (wide, tile_of) of an earlier coarser launch, only that launch's wide tiles'
-    queries are served."""
+    """One launch over the tiles of qg queries. Without `gate`: the union walk, which flags (and skips) the tiles
+    whose union exceeds union_max; returns (those flags per tile and KV head, the tile of each token). With
+    `gate` = those flags: the wide pass over the same tiles, each query of a flagged tile alone."""
     hkv = k_cache.shape[1]
     group = q.shape[1] // hkv
     topk = selected.shape[2]
     topk_p2 = next_pow2(topk)
-    rows = max(16, next_pow2(qg * group))
+    walk_qg = qg if gate is None else 1  # queries per MMA tile
+    parts = 1 if gate is None else qg  # programs per tile: the wide pass runs one per query
+    rows = max(16, next_pow2(walk_qg * group))
     tile_req, tile_q0, tile_qn, tile_of = _tiles(plan, qg, q.device)
     n_tiles = tile_req.shape[0]
-    entries = next_pow2(qg) * topk_p2
-    union = torch.empty(n_tiles * hkv * entries, dtype=torch.int32, device=q.device)
+    entries = next_pow2(walk_qg) * topk_p2
+    union = torch.empty(n_tiles * hkv * parts * entries, dtype=torch.int32, device=q.device)
     bits = torch.empty_like(union)
     pages = torch.empty_like(union)
-    wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device)
-    gate_wide, gate_tile_of = gate if gate is not None else (wide, tile_of)
+    wide = torch.empty(n_tiles * hkv, dtype=torch.int32, device=q.device) if gate is None else gate
     knob = "WIDE_" if gate is not None else ""  # the gated (wide) pass has its own knobs
     # Measured on an H100 (round 2, 2,048 queries on a 60k prefix, high-overlap selections, union pass):
     # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us (128-row tiles; 64-row
@@ -355,14 +372,14 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
     stages_default = 3 if descs is not None else 2
     num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", stages_default)))
-    _extend_kernel[(n_tiles, hkv)](
+    _extend_kernel[(n_tiles, hkv, parts)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
-        union, bits, pages, wide, gate_wide, gate_tile_of, out, k_desc, v_desc,
+        union, bits, pages, wide, out, k_desc, v_desc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         qk_scale, v_mult, union_max,
-        HKV=hkv, G=group, QG=qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
-        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None,
+        HKV=hkv, G=group, QG=walk_qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
+        BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None, QG_TILE=parts,
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of
