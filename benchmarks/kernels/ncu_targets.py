@@ -4,21 +4,23 @@
         python3 benchmarks/kernels/ncu_targets.py extend_b1_random
 
 Cases: decode_b1_60k, decode_b8_shared_60k, decode_b32_60k (graph plan, as served), extend_b1_random, extend_b1_overlap,
-extend_b8_overlap_shared, prefill_64k (M3 shapes, bench_msa's inputs).
+extend_b8_overlap_shared, prefill_64k, prefill_64k_overlap (M3 shapes, bench_msa's inputs).
 Each case runs its layer (index top-k, then attention) 5 times on the same inputs; `--profile` then prints each
-kernel's time per layer from torch.profiler (warm caches).
+kernel's time per layer from torch.profiler (warm caches). MSA_KERNELS_DIR (default: this tree's kernels/) points
+at another copy of the kernel library, for A/B runs of two versions in one device call.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "kernels"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "kernels"))
+sys.path.insert(0, os.environ.get("MSA_KERNELS_DIR", str(ROOT / "kernels")))
 
 import bench_msa as bm  # noqa: E402
 
@@ -33,6 +35,7 @@ CASES = {
     "extend_b1_overlap": ([59904 + 2048], [2048], False, "overlap"),
     "extend_b8_overlap_shared": ([59904 + 2048] * 8, [2048] * 8, True, "overlap"),
     "prefill_64k": ([65536], [65536], False, "random"),
+    "prefill_64k_overlap": ([65536], [65536], False, "overlap"),
 }
 
 
@@ -66,7 +69,7 @@ def main() -> None:
         for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
             if ev.device_type.name == "CUDA" and ev.count:
                 print(f"{sys.argv[1]:<24}{ev.key[:40]:<42}{ev.device_time_total / 5:10.1f} us/layer  x{ev.count // 5}")
-    print("ok", sys.argv[1], flush=True)
+    print("ok", sys.argv[1], "msa_kernels from", Path(msa.__file__).parent, flush=True)
 
 
 if __name__ == "__main__":
