@@ -7,6 +7,21 @@ device_out() {
   trap "tar czf '$FINAL/$1.tgz' -C '$FINAL' '$1' && rm -rf '$OUT'" EXIT
   export PYTHONPATH=kernels:python:benchmarks
 }
+# `round_start NAME DEFAULT_STEPS [STEPS]`: the round scripts' preamble: `device_out NAME`, the comma-separated
+# steps to run in $STEPS (the script's first argument, else DEFAULT_STEPS; `has STEP` tests one) and the card's name
+# in $OUT/card.txt.
+round_start() {
+  device_out "$1"
+  STEPS=${3:-$2}
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+# `gpu_tests LOG FILE...`: pytest -m gpu of those test files into $OUT/LOG; prints its summary line.
+gpu_tests() {
+  local log=$1; shift
+  python3 -m pytest -q -m gpu "$@" > "$OUT/$log" 2>&1
+  tail -1 "$OUT/$log"
+}
 # `bench_eager TAG [SECTIONS]`: bench_msa's extend and prefill sections (or those named, comma-separated) against
 # upstream (eager, GPU head start), results in $OUT/bench as msa_kernels_TAG_{extend,prefill}.*, summary rows printed.
 bench_eager() {

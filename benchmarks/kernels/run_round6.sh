@@ -7,10 +7,7 @@
 # benchmarks/results/msa_kernels_r6_notes.md.
 set -u
 source "$(dirname "$0")/device_out.sh"
-device_out r6
-STEPS=${1:-check,fp8,tune}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+round_start r6 check,fp8,tune "$@"
 if has check; then
   python3 -m pytest -q -m gpu tests/kernels/test_decode_attention.py tests/kernels/test_index_topk_gpu.py \
     > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
@@ -40,8 +37,7 @@ if has eager; then
 fi
 if has direct; then
   # Single-slice merge picks the best 15 directly (MSA_MERGE_DIRECT=1, default) vs the running best (=0).
-  python3 -m pytest -q -m gpu tests/kernels/test_index_topk_gpu.py > "$OUT/gpu_tests_direct.log" 2>&1
-  tail -1 "$OUT/gpu_tests_direct.log"
+  gpu_tests gpu_tests_direct.log tests/kernels/test_index_topk_gpu.py
   for d in 1 0; do
     for c in decode_b1_60k decode_b8_shared_60k extend_b1_overlap extend_b1_random; do
       MSA_MERGE_DIRECT=$d python3 benchmarks/kernels/ncu_targets.py $c --profile 2>&1 | grep "us/layer" \

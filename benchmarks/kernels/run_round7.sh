@@ -15,18 +15,13 @@
 # Everything lands in $OUT/r7 and is packed into $OUT/r7.tgz at exit.
 set -u
 source "$(dirname "$0")/device_out.sh"
-device_out r7
-STEPS=${1:-check,sweep}  # check,topk,sweep,confirm,score,score2,score3,kvmajor,bench,ab,decode (run in this order, decode before bench)
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+round_start r7 check,sweep "$@"  # check,topk,sweep,confirm,score,score2,score3,kvmajor,bench,ab,decode (run in this order, decode before bench)
 attn_times() { local case=$1; shift; kernel_times "$case" _extend_kernel "$@"; }
 if has check; then
-  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
-  tail -1 "$OUT/gpu_tests.log"
+  gpu_tests gpu_tests.log tests/kernels/test_extend_attention.py
 fi
 if has topk; then
-  python3 -m pytest -q -m gpu tests/kernels/test_index_topk_gpu.py > "$OUT/gpu_tests_topk.log" 2>&1
-  tail -1 "$OUT/gpu_tests_topk.log"
+  gpu_tests gpu_tests_topk.log tests/kernels/test_index_topk_gpu.py
 fi
 if has sweep; then
   for s in "MSA_TMA=0" "MSA_TMA=1" "MSA_EXTEND_STAGES=3" "MSA_EXTEND_STAGES=4" "MSA_EXTEND_WARPS=8" \

@@ -12,13 +12,9 @@
 # Everything lands in $OUT/r8 and is packed into $OUT/r8.tgz at exit.
 set -u
 source "$(dirname "$0")/device_out.sh"
-device_out r8
-STEPS=${1:-union}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+round_start r8 union "$@"
 if has check; then
-  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
-  tail -1 "$OUT/gpu_tests.log"
+  gpu_tests gpu_tests.log tests/kernels/test_extend_attention.py
 fi
 if has union; then
   for s in "MSA_NONE=1" "MSA_EXTEND_KSUB=32" "MSA_EXTEND_KSUB=32 MSA_EXTEND_STAGES=4" \

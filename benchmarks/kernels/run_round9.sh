@@ -17,13 +17,9 @@
 # Everything lands in $OUT/r9 and is packed into $OUT/r9.tgz at exit.
 set -u
 source "$(dirname "$0")/device_out.sh"
-device_out r9
-STEPS=${1:-check,extend,prefill}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+round_start r9 check,extend,prefill "$@"
 if has check; then
-  python3 -m pytest -q -m gpu tests/kernels/test_extend_attention.py > "$OUT/gpu_tests.log" 2>&1
-  tail -1 "$OUT/gpu_tests.log"
+  gpu_tests gpu_tests.log tests/kernels/test_extend_attention.py
 fi
 if has rows; then
   R64="MSA_EXTEND_TILE_ROWS=64 MSA_EXTEND_UNION_MAX=48"
