@@ -110,15 +110,15 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale):
 
 @triton.jit
 def _tile_attention(
-    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr, k_desc, v_desc,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
-    stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0, qn, kvh, scratch,
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
+    k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh,
+    stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0, qn, kvh, scratch,
     G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, KSUB: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One tile: queries q0 .. q0 + qn - 1 (qn <= QG) of request `req` with the G heads of KV head `kvh`, over the
-    union of their selections; `scratch` is the tile's E-entry area in union/bits/pages. Returns whether the union
-    was wider than union_max, in which case nothing was walked or written."""
+    """One tile: queries q0 .. q0 + qn - 1 (qn <= QG) of request `req` with the G heads of KV head `kvh`, over
+    the union of their selections; `scratch` is the tile's E-entry area in union/bits/pages. Returns whether the
+    union was wider than union_max, in which case nothing was walked or written."""
     seq_len = tl.load(seq_ptr + req)
     page_row = page_ptr + req * stride_pb
     sel_tile = sel_ptr + q0.to(tl.int64) * stride_st + kvh * stride_sh
@@ -222,24 +222,27 @@ def _extend_kernel(
     q0 = tl.load(tile_q0_ptr + tile)
     qn = tl.load(tile_qn_ptr + tile)
     if GATED:
-        # Second pass, over the first pass's tiles x QG: program (tile, kvh, i) serves query i of a tile that pass
-        # found too wide, alone (QG = 1: its own <= TOPK blocks); the others exit after one flag load. Until round 9
-        # one program per query ran the whole tile prologue before finding nothing to do: ~0.26 ms of an H100 at
-        # batch 8 on high-overlap selections (3,042 -> 2,785 us for both passes). A loop over a tile's queries in one program was slower on random
+        # Second pass, over the first pass's tiles x QG_TILE (that pass's queries per tile): program
+        # (tile, kvh, i) serves query i of a tile that pass found too wide, alone (QG = 1: its own <= TOPK
+        # blocks); the others exit after one flag load. Until round 9 one program per query ran the whole tile
+        # prologue before finding nothing to do: ~0.26 ms of an H100 at batch 8 on high-overlap selections
+        # (3,042 -> 2,785 us for both passes). A loop over a tile's queries in one program was slower on random
         # selections (1,305 against 1,208 us, H100), so each query keeps its own program.
         part = tl.program_id(2)
         if tl.load(wide_ptr + tile * HKV + kvh) != 0:
             if part < qn:
                 _tile_attention(
-                    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
-                    k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st,
-                    stride_sh, stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0 + part, 1, kvh,
-                    ((tile * HKV + kvh) * QG_TILE + part) * E, G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
+                    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr,
+                    out_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                    stride_st, stride_sh, stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max,
+                    req, q0 + part, 1, kvh, ((tile * HKV + kvh) * QG_TILE + part) * E,
+                    G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
     else:
         skip = _tile_attention(
             q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
-            k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh,
-            stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max, req, q0, qn, kvh, (tile * HKV + kvh) * E,
+            k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st,
+            stride_sh, stride_pb, stride_ot, stride_oh, qk_scale, v_scale, union_max,
+            req, q0, qn, kvh, (tile * HKV + kvh) * E,
             G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
         tl.store(wide_ptr + tile * HKV + kvh, skip.to(tl.int32))
 
