@@ -236,7 +236,7 @@ def bench_extend(fl, quick) -> None:
             c = build_case([prefix + 2048] * batch, [2048] * batch, hq, hkv, dtype=torch.bfloat16,
                            cache_dtype=cd, style=style, device="cuda", spare_pages=0)
             flops = batch * 2048 * hq * 16 * BLOCK_SIZE * 128 * 4
-            qg = extend_attention.queries_per_tile(hq // hkv, extend_attention.tile_rows())
+            qg = extend_attention.queries_per_tile(hq // hkv)
             u = c.selected[:2048].view(-1, qg, hkv, 16).permute(0, 2, 1, 3).flatten(2)
             uniq = float(sum(len(set(r.tolist()) - {-1}) for r in u.flatten(0, 1)[:256].cpu()) / min(256, len(u)))
             for um, wp in ums:

@@ -218,9 +218,6 @@ def _extend_kernel(
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    req = tl.load(tile_req_ptr + tile)
-    q0 = tl.load(tile_q0_ptr + tile)
-    qn = tl.load(tile_qn_ptr + tile)
     if GATED:
         # Second pass, over the first pass's tiles x QG_TILE (that pass's queries per tile): program
         # (tile, kvh, i) serves query i of a tile that pass found too wide, alone (QG = 1: its own <= TOPK
@@ -230,7 +227,10 @@ def _extend_kernel(
         # selections (1,305 against 1,208 us, H100), so each query keeps its own program.
         part = tl.program_id(2)
         if tl.load(wide_ptr + tile * HKV + kvh) != 0:
+            qn = tl.load(tile_qn_ptr + tile)
             if part < qn:
+                req = tl.load(tile_req_ptr + tile)
+                q0 = tl.load(tile_q0_ptr + tile)
                 _tile_attention(
                     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr,
                     out_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
@@ -238,6 +238,9 @@ def _extend_kernel(
                     req, q0 + part, 1, kvh, ((tile * HKV + kvh) * QG_TILE + part) * E,
                     G, QG, M, D, TOPK, TOPK_P2, E, BLOCK, KSUB, TMA)
     else:
+        req = tl.load(tile_req_ptr + tile)
+        q0 = tl.load(tile_q0_ptr + tile)
+        qn = tl.load(tile_qn_ptr + tile)
         skip = _tile_attention(
             q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, qpos_ptr, union_ptr, bits_ptr, pages_ptr, out_ptr,
             k_desc, v_desc, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st,
@@ -357,9 +360,9 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     knob = "WIDE_" if gate is not None else ""  # the gated (wide) pass has its own knobs
     # Measured on an H100 (round 2, 2,048 queries on a 60k prefix, high-overlap selections, union pass):
     # KSUB 128 / 8 warps 676 us, KSUB 64 / 8 warps 662 us, KSUB 64 / 4 warps 534 us (128-row tiles; 64-row
-    # tiles since round 8 keep KSUB 64, 4 warps, 3 stages: 2 stages tied, KSUB 32 was slower); the query-major wide
-    # pass (M = 16) was best at its old setting (KSUB 128, 4 warps: 1.36 ms; 2 warps 1.37, 8 warps 1.60,
-    # KSUB 32 1.78 ms on random selections).
+    # tiles, MSA_EXTEND_TILE_ROWS=64, keep KSUB 64, 4 warps, 3 stages: 2 stages tied, KSUB 32 was slower); the
+    # query-major wide pass (M = 16) was best at its old setting (KSUB 128, 4 warps: 1.36 ms; 2 warps 1.37, 8 warps
+    # 1.60, KSUB 32 1.78 ms on random selections).
     # TMA, round 7 (H200, same inputs, attention kernel time per layer): the union pass 467 us gathered,
     # 459 us with TMA at 2 stages, 420 us at 3 stages (422 at 4; 8 warps 511-547). The wide pass got slower
     # with TMA (1,090 -> 1,207 us): its 16-row tiles want many small loads in flight, not 32 KiB copies, so
