@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Round 10 device calls (issue 3). Usage on the device machine, from the repository root:
 #   bash benchmarks/kernels/run_round10.sh [check,split,decode,fp8,extend,prefill]
-#   check:   pytest -m gpu of decode attention, index top-k and extend attention (full M3 shapes)
+#   check:   pytest -m gpu of decode attention and index top-k (full M3 shapes)
+#   checkx:  pytest -m gpu of extend attention
 #   split:   decode attention and the served layer (profile_decode.py: CUDA graphs, graph plan) at B=1, B=8
 #            private / shared and B=32 on 60k: TMA half-page units (the default) against gathered loads
 #            (MSA_DECODE_TMA=0), and TMA with other split counts and pipeline depths
@@ -12,12 +13,11 @@ source "$(dirname "$0")/device_out.sh"
 round_start r10 check,split,decode,fp8 "$@"
 if has check; then
   gpu_tests gpu_tests_decode.log tests/kernels/test_decode_attention.py tests/kernels/test_index_topk_gpu.py
-  gpu_tests gpu_tests_extend.log tests/kernels/test_extend_attention.py
 fi
+if has checkx; then gpu_tests gpu_tests_extend.log tests/kernels/test_extend_attention.py; fi
 if has split; then
   CASES=1x60000,8x60000s,8x60000,32x60000
-  for s in "MSA_NONE=1" "MSA_DECODE_TMA=0" "MSA_DECODE_NSPLIT=16" "MSA_DECODE_NSPLIT=4" "MSA_DECODE_STAGES=2" \
-           "MSA_NONE=2" "MSA_DECODE_TMA=0 MSA_NONE=3"; do
+  for s in ${SPLIT_SETTINGS:-"MSA_NONE=1" "MSA_DECODE_TMA=0" "MSA_DECODE_NSPLIT=16" "MSA_DECODE_NSPLIT=4" "MSA_NONE=2"}; do
     echo "== $s"
     # shellcheck disable=SC2086  # $s holds VAR=value words
     env $s python3 benchmarks/kernels/profile_decode.py --cases $CASES --targets 0 --stages attn,layer --sets 8 \
