@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Round 10 device calls (issue 3). Usage on the device machine, from the repository root:
-#   bash benchmarks/kernels/run_round10.sh [check,split,decode,fp8,extend,prefill]
+#   bash benchmarks/kernels/run_round10.sh [check,checkx,split,order,decode,fp8,extend,prefill]
 #   check:   pytest -m gpu of decode attention and index top-k (full M3 shapes)
 #   checkx:  pytest -m gpu of extend attention
 #   split:   decode attention and the served layer (profile_decode.py: CUDA graphs, graph plan) at B=1, B=8
-#            private / shared and B=32 on 60k: TMA half-page units (the default) against gathered loads
-#            (MSA_DECODE_TMA=0), and TMA with other split counts and pipeline depths
+#            private / shared and B=32 on 60k under the settings in $SPLIT_SETTINGS. Call 1 ran it on a TMA variant
+#            of the decode attention (MSA_DECODE_TMA), which lost and was removed (round 10 notes)
+#   order:   the extend attention kernels (both passes) with the wide pass's grid head-major (the default) against
+#            the old (tiles, heads, query slot) order (MSA_EXTEND_WIDE_ORDER=part), on random selections
 #   decode / fp8 / extend / prefill: bench_msa's section against upstream (decode at 60k only)
 # Everything lands in $OUT/r10 and is packed into $OUT/r10.tgz at exit.
 set -u
@@ -17,20 +19,26 @@ fi
 if has checkx; then gpu_tests gpu_tests_extend.log tests/kernels/test_extend_attention.py; fi
 if has split; then
   CASES=1x60000,8x60000s,8x60000,32x60000
-  for s in ${SPLIT_SETTINGS:-"MSA_NONE=1" "MSA_DECODE_TMA=0" "MSA_DECODE_NSPLIT=16" "MSA_DECODE_NSPLIT=4" "MSA_NONE=2"}; do
+  for s in ${SPLIT_SETTINGS:-MSA_NONE=1 MSA_DECODE_NSPLIT=16 MSA_DECODE_NSPLIT=4 MSA_NONE=2}; do
     echo "== $s"
     # shellcheck disable=SC2086  # $s holds VAR=value words
     env $s python3 benchmarks/kernels/profile_decode.py --cases $CASES --targets 0 --stages attn,layer --sets 8 \
       --out "$OUT" --tag "${s// /_}" 2>&1 | tee -a "$OUT/split.log" | grep -v "^case"
   done
 fi
+if has order; then
+  for c in extend_b1_random extend_b8_random_shared prefill_64k; do
+    for s in MSA_NONE=1 MSA_EXTEND_WIDE_ORDER=part; do kernel_times $c _extend_kernel $s; done
+  done
+  for s in MSA_NONE=2 MSA_EXTEND_WIDE_ORDER=part; do kernel_times extend_b1_random _extend_kernel $s; done
+fi
 if has decode; then
   python3 benchmarks/kernels/bench_msa.py --only decode --match N=60000 --budget-s 120 --tag r10_decode \
     --out "$OUT/bench" > "$OUT/bench_decode.log" 2>&1
   sed -n '/## Decode as served/,/## Every/p' "$OUT/bench"/*r10_decode.md | grep "^| decode" | cut -c1-130
 fi
-if has fp8; then  # TMA (default) against gathered loads in the fp8 attention
-  for s in MSA_NONE=1 MSA_DECODE_TMA=0; do
+if has fp8; then
+  for s in ${FP8_SETTINGS:-MSA_NONE=1}; do
     env $s python3 benchmarks/kernels/bench_msa.py --only fp8 --budget-s 120 --tag "r10_fp8_${s}" --out "$OUT/bench" \
       > "$OUT/bench_fp8_$s.log" 2>&1
     echo "== fp8 $s"

@@ -16,17 +16,14 @@ import torch
 from interpreter_child import interpreter_report as run_interpreter_child
 
 # name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge, q dtype)
-# Whole units load through TMA unless the name ends in "_gathered" (MSA_DECODE_TMA=0: masked gathers only).
-# Lengths one short of a unit (1023, 4031) put a single unwritten (NaN) slot in the last unit: loading it whole
-# would poison the output.
+# Lengths one short of a unit (1023, 4031) put a single unwritten (NaN) slot in the last unit: reading it would
+# poison the output.
 CASES = {
     "mixed_lengths_fused": ([300, 5000, 128, 2048, 129, 1023], 16, 1, 64, None, "random", None, True, torch.float16),
-    "mixed_lengths_fused_gathered": ([300, 5000, 128, 1023], 16, 1, 64, None, "random", None, True, torch.float16),
     "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False, torch.float16),
     "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16),
     "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16),
     "half_page_units_32_splits": ([4000, 257, 4031], 16, 1, 64, None, "random", (64, 32), True, torch.float16),
-    "half_page_units_gathered": ([4031, 257], 16, 1, 64, None, "random", (64, 8), True, torch.float16),
     "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16),
     # bf16 q on an fp8 cache: the products run in fp16 (fp8_in_f16); the output is bf16, hence its bound.
     "fp8_cache_bf16_q": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
@@ -45,8 +42,6 @@ def _run_case(name: str) -> float:
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     if cfg:
         os.environ["MSA_DECODE_CHUNK"], os.environ["MSA_DECODE_NSPLIT"] = map(str, cfg)
-    if name.endswith("_gathered"):
-        os.environ["MSA_DECODE_TMA"] = "0"
     worst = 0.0
     if cache and q_dtype == torch.bfloat16:
         # bf16 q on fp8 with the attention products in fp16 (MSA_FP8_F16=both). The default (bf16 products) is
@@ -61,7 +56,7 @@ def _run_case(name: str) -> float:
         for bufs in c.plan.extras.values():
             bufs[0].fill_(float("nan"))
             bufs[1].fill_(float("nan"))
-    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16", "MSA_DECODE_TMA"):
+    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16"):
         os.environ.pop(var, None)
     return worst
 

@@ -7,15 +7,9 @@ With PDL (Hopper and later) the next kernel is launched while the previous one s
 in `griddepcontrol.wait` until the previous grid has completed and its memory is visible.
 
 Contract of every kernel launched with `launch_pdl=True` here: it calls `pdl_prologue` (wait, then allow the
-next kernel to launch) before it writes global memory and before it reads anything the previous kernel
-writes, so it observes everything that kernel wrote and cannot overwrite what that kernel still reads.
-Memory order is therefore that of plain launches; only the launch latency overlaps. A kernel that follows a
-launch without PDL is unaffected.
-
-Reads of data written before the previous kernel started (the queries, the plan's lengths and pages) may go
-before the wait, so that their round trip overlaps it: a PDL kernel starts only once every program of the
-previous kernel has called `pdl_prologue`, that is has passed its own wait, so every kernel before the
-previous one has completed and its writes are visible. The top-k merge and the decode attention do this.
+next kernel to launch) before it touches global memory at all, so it observes everything the previous
+kernel wrote and cannot overwrite what that kernel still reads. Memory order is therefore exactly that of
+plain launches; only the launch latency overlaps. A kernel that follows a launch without PDL is unaffected.
 
 Only small launches use it (`small=True`: decode batches of at most PDL_MAX_BATCH requests). Measured on an
 H200 (graph replay, benchmarks/kernels/profile_decode.py): a decode layer at batch 1 went 27.5 -> 24.8 us

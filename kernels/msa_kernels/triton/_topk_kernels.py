@@ -339,14 +339,12 @@ def _merge_kernel(
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, GRID_ITEMS: tl.constexpr, BATCH_P2: tl.constexpr,
     FOLD: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
 ):
-    # The positions were written before the scoring kernel started, so they load before the wait (see _pdl);
-    # the candidates are the scoring kernel's output and load after it.
+    pdl_prologue(PDL)
     if GRID_ITEMS:
         chunk_blocks = _graph_chunk_blocks(q_pos_ptr, n_rows // H, n_chunks, PAGE, BATCH_P2)
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
     row_ok = rows < n_rows
     local = tl.load(q_pos_ptr + rows // H, mask=row_ok, other=0) // PAGE
-    pdl_prologue(PDL)
     used_chunks = (local + chunk_blocks - 1) // chunk_blocks  # chunks that hold this row's history
     n_valid = used_chunks * tl.minimum(chunk_blocks, KS)
     _select_from_run(cand_ptr, n_chunks * KS, rows, row_ok, n_valid, local, out_ptr, RB, W, TOPK, TOPK_P2, FOLD,

@@ -47,7 +47,6 @@ from ._attn_common import (
     check_attention_inputs,
     fp8_in_f16,
     is_fp8,
-    kv_descriptors,
     merge_partials,
     next_pow2,
     score_scale,
@@ -56,45 +55,30 @@ from ._attn_common import (
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 
-@triton.jit
-def _unit_step(q, k, v, valid, m_i, l_i, acc, qk_scale):
-    """One unit's online-softmax update: s = q k^T over the unit's keys, `valid` [CHUNK] masking the rest."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["stride_pb"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, k_desc, v_desc, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+    q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_st, stride_sh, stride_pb,
     stride_ot, stride_oh,
     qk_scale, v_scale,
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr, UP2: tl.constexpr,
+    F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
+    seq_len = tl.load(seq_ptr + b)
     rows = tl.arange(0, GPAD)
     cols = tl.arange(0, D)
     n = tl.arange(0, CHUNK)
-    # The query and the sequence length were written before the kernel this one follows started (see _pdl), so
-    # they load before the wait; only the selection (and what depends on it) must wait.
-    seq_len = tl.load(seq_ptr + b)
     q = tl.load(
         q_ptr + b * stride_qt + (kvh * G + rows)[:, None] * stride_qh + cols[None, :],
         mask=(rows < G)[:, None],
         other=0.0,
     )
-    pdl_prologue(PDL)
     if F16_FOR_FP8:  # fp8 K/V with the products in fp16 (MSA_FP8_F16=both; see fp8_in_f16)
         q = to_f16_clamped(q)
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
@@ -103,48 +87,26 @@ def _decode_kernel(
     l_i = tl.zeros([GPAD], tl.float32)
     acc = tl.zeros([GPAD, D], tl.float32)
     sel_row = sel_ptr + b * stride_st + kvh * stride_sh
-    if TMA:
-        # All of this program's units at once: block ids, then pages, as vectors, so that the K/V copies of
-        # every unit depend on registers only and the pipeline can put them all in flight. Selections are
-        # ascending and -1 padded, and only the local (last) block can end inside the sequence, so the whole
-        # units come first and at most one unit after them is partly written: whole units load with one TMA
-        # copy each, the partial one with masked gathers (its slots past the sequence's end may hold NaN).
-        ui = tl.arange(0, UP2)
-        u = split * UPP + ui
+    for u in range(split * UPP, split * UPP + UPP):
         j = u // UPB
-        blks = tl.load(sel_row + j, mask=(ui < UPP) & (j < TOPK), other=-1)
-        pages = tl.load(page_ptr + b * stride_pb + tl.maximum(blks, 0), mask=blks >= 0, other=0)
-        tok0 = blks * BLOCK + (u % UPB) * CHUNK
-        whole = (blks >= 0) & (tok0 + CHUNK <= seq_len)
-        slot0s = pages * BLOCK + (u % UPB) * CHUNK
-        n_whole = tl.sum(whole.to(tl.int32), 0)
-        for i in range(0, n_whole):
-            slot0 = tl.sum(tl.where(ui == i, slot0s, 0), 0)
-            k = k_desc.load([slot0, kvh * D])
-            v = v_desc.load([slot0, kvh * D])
-            m_i, l_i, acc = _unit_step(q, k, v, n >= 0, m_i, l_i, acc, qk_scale)
-        part_tok0 = tl.sum(tl.where(ui == n_whole, tok0, 0), 0)
-        if tl.sum(((blks >= 0) & ~whole & (tok0 < seq_len)).to(tl.int32), 0) > 0:
-            valid = part_tok0 + n < seq_len
-            slot = tl.sum(tl.where(ui == n_whole, slot0s, 0), 0).to(tl.int64) + n
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
-            m_i, l_i, acc = _unit_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    else:
-        for u in range(split * UPP, split * UPP + UPP):
-            j = u // UPB
-            blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
-            page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
-            tok = (u % UPB) * CHUNK + n
-            valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
-            slot = page * BLOCK + tok
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
-            m_i, l_i, acc = _unit_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        sub = u % UPB
+        blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
+        page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
+        tok = sub * CHUNK + n
+        valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
+        slot = page * BLOCK + tok
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
+                    mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc * (v_scale / l_safe)[:, None]
     if NSPLIT == 1:
@@ -180,18 +142,16 @@ def _merge_kernel(
                    out_ptr + b * stride_ot + kvh * G * stride_oh, stride_oh, NSPLIT, G, GPAD, D)
 
 
-def decode_config(pairs: int, topk: int, tma: bool = False) -> tuple[int, int]:
+def decode_config(pairs: int, topk: int) -> tuple[int, int]:
     """(CHUNK tokens per unit, NSPLIT programs per (request, KV head)) for `pairs` (request, KV head) pairs.
 
     Measured on an H100 (graph replay, 60k context, random pages): whole-page units up to 32 pairs, half
     pages beyond; about 8 splits per pair at 1-8 pairs (fewer programs lose to latency, more lose to the
     merge), 4 at 32-255 pairs (round 2, batch 32 x 4 KV heads: fp8 K/V 39.4 us with 4 splits vs 47.1 with
     2, bf16 equal or better; an older loop had favoured 2), 2 at 256-511, none from 512 pairs up, where the
-    grid is full without splitting. With TMA (`tma`) units are always half pages: a whole page per copy
-    made ptxas spill ~1 KB per thread (sm_90a, Triton 3.6), half pages compile to 240 registers and no spill.
-    MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
+    grid is full without splitting. MSA_DECODE_CHUNK / MSA_DECODE_NSPLIT override (benchmarks).
     """
-    chunk = BLOCK_SIZE if pairs < 64 and not tma else 64  # half pages: fewer registers (ptxas), 7% faster at batch 32
+    chunk = BLOCK_SIZE if pairs < 64 else 64  # half pages: fewer registers (ptxas), 7% faster at batch 32
     if pairs >= 512:
         nsplit = 1
     elif pairs >= 256:
@@ -208,22 +168,6 @@ def decode_config(pairs: int, topk: int, tma: bool = False) -> tuple[int, int]:
     chunk = int(os.environ.get("MSA_DECODE_CHUNK", chunk))
     nsplit = int(os.environ.get("MSA_DECODE_NSPLIT", nsplit))
     return chunk, nsplit
-
-
-TMA_CHUNK = 64  # tokens per TMA copy (see decode_config)
-
-
-def decode_tma(use: bool | None) -> bool | None:
-    """Whether whole units load through TMA: `use` when given, else env MSA_DECODE_TMA (0/1) when set, else
-    None (which `kv_descriptors` reads as MSA_TMA, default on)."""
-    if use is not None:
-        return use
-    flag = os.environ.get("MSA_DECODE_TMA")
-    if flag is None:
-        return None
-    if flag not in ("0", "1"):
-        raise MSAInputError(f"MSA_DECODE_TMA must be 0 or 1, got {flag!r}")
-    return flag == "1"
 
 
 def _work_buffers(plan: MSAPlan, device: torch.device, pairs: int, nsplit: int, gpad: int, dim: int):
@@ -253,12 +197,10 @@ def sparse_attention(
     *,
     fused_merge: bool | None = None,
     out: torch.Tensor | None = None,
-    tma: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (one token per request), selected [B, Hkv, topk] -> [B, Hq, D].
 
-    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one. `tma` loads whole
-    units with TMA copies (default: env MSA_DECODE_TMA, else MSA_TMA; see `decode_tma`)."""
+    `out` (optional, q's shape and dtype) receives the result; tests pass a poisoned one."""
     if not plan.is_decode:
         raise MSAInputError("decode attention needs one new token per request (plan.q_lens all 1)")
     hq, hkv, dim = check_attention_inputs(plan, q, k_cache, v_cache, selected, k_scale, v_scale)
@@ -276,25 +218,20 @@ def sparse_attention(
     topk = selected.shape[2]
     gpad = max(16, next_pow2(group))
     pairs = batch * hkv
-    descs = kv_descriptors(k_cache, v_cache, TMA_CHUNK, decode_tma(tma))
-    chunk, nsplit = decode_config(pairs, topk, tma=descs is not None)
+    chunk, nsplit = decode_config(pairs, topk)
     if chunk not in (16, 32, 64, 128) or nsplit < 1 or cdiv(topk * (BLOCK_SIZE // chunk), nsplit) < 1:
         raise MSAInputError(f"bad decode split: chunk {chunk}, nsplit {nsplit}")
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
     part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
-    if descs is not None and chunk != TMA_CHUNK:  # an MSA_DECODE_CHUNK override
-        descs = kv_descriptors(k_cache, v_cache, chunk, True)
-    k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
-    upp = cdiv(topk * (BLOCK_SIZE // chunk), nsplit)
     _decode_kernel[(pairs, nsplit)](
-        q, k_cache, v_cache, k_desc, v_desc, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
+        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
         score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
-        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), TMA=descs is not None,
-        UP2=next_pow2(upp), num_warps=4, num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
+        FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"), num_warps=4,
+        num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )
     if nsplit > 1 and not fused_merge:
