@@ -34,6 +34,7 @@ CASES = {
     "extend_b1_random": ([59904 + 2048], [2048], False, "random"),
     "extend_b1_overlap": ([59904 + 2048], [2048], False, "overlap"),
     "extend_b8_overlap_shared": ([59904 + 2048] * 8, [2048] * 8, True, "overlap"),
+    "extend_b8_random_shared": ([59904 + 2048] * 8, [2048] * 8, True, "random"),
     "prefill_64k": ([65536], [65536], False, "random"),
     "prefill_64k_overlap": ([65536], [65536], False, "overlap"),
 }

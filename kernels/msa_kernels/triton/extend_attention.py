@@ -214,7 +214,7 @@ def _extend_kernel(
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
-    KSUB: tl.constexpr, TMA: tl.constexpr, QG_TILE: tl.constexpr,
+    KSUB: tl.constexpr, TMA: tl.constexpr, QG_TILE: tl.constexpr, HEAD_MAJOR: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -225,7 +225,11 @@ def _extend_kernel(
         # prologue before finding nothing to do: ~0.26 ms of an H100 at batch 8 on high-overlap selections
         # (3,042 -> 2,785 us for both passes). A loop over a tile's queries in one program was slower on random
         # selections (1,305 against 1,208 us, H100), so each query keeps its own program.
-        part = tl.program_id(2)
+        if HEAD_MAJOR:  # grid (tiles x QG_TILE, HKV): see _launch
+            part = tile % QG_TILE
+            tile = tile // QG_TILE
+        else:
+            part = tl.program_id(2)
         if tl.load(wide_ptr + tile * HKV + kvh) != 0:
             qn = tl.load(tile_qn_ptr + tile)
             if part < qn:
@@ -378,7 +382,16 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
     stages_default = 3 if descs is not None else 2
     num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", stages_default)))
-    _extend_kernel[(n_tiles, hkv, parts)](
+    # The wide pass's programs go head-major: every query of KV head 0, then head 1, ... (HEAD_MAJOR). Its
+    # random reads then stay within one head's K/V at a time (~30 MB at 60k: L2-sized), where a grid of
+    # (tiles, heads, queries of a tile) swept every head's K/V once per query slot of a tile.
+    # MSA_EXTEND_WIDE_ORDER=part restores that grid (A/B).
+    order = os.environ.get("MSA_EXTEND_WIDE_ORDER", "head")
+    if order not in ("head", "part"):
+        raise MSAInputError(f"MSA_EXTEND_WIDE_ORDER must be head or part, got {order!r}")
+    head_major = gate is not None and order == "head"
+    grid = (n_tiles * parts, hkv) if head_major else (n_tiles, hkv, parts)
+    _extend_kernel[grid](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
         union, bits, pages, wide, out, k_desc, v_desc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -386,6 +399,7 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=walk_qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
         BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None, QG_TILE=parts,
+        HEAD_MAJOR=head_major,
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of
