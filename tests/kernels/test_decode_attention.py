@@ -17,9 +17,11 @@ from interpreter_child import interpreter_report as run_interpreter_child
 
 # name -> (seq_lens, q heads, kv heads, head dim, cache dtype, style, (chunk, nsplit) or None, fused merge, q dtype)
 # Lengths one short of a unit (1023, 4031) put a single unwritten (NaN) slot in the last unit: reading it would
-# poison the output.
+# poison the output. Small batches look every unit's page up before the loop (pages_first); a name ending in
+# "_per_unit_lookup" runs the per-unit lookups that larger batches use (MSA_DECODE_PAGES_FIRST=0).
 CASES = {
     "mixed_lengths_fused": ([300, 5000, 128, 2048, 129, 1023], 16, 1, 64, None, "random", None, True, torch.float16),
+    "mixed_lengths_per_unit_lookup": ([300, 5000, 128, 1023], 16, 1, 64, None, "random", None, True, torch.float16),
     "mixed_lengths_two_launch": ([300, 5000, 128, 2048, 129], 16, 1, 64, None, "random", None, False, torch.float16),
     "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16),
     "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16),
@@ -42,6 +44,8 @@ def _run_case(name: str) -> float:
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
     if cfg:
         os.environ["MSA_DECODE_CHUNK"], os.environ["MSA_DECODE_NSPLIT"] = map(str, cfg)
+    if name.endswith("_per_unit_lookup"):
+        os.environ["MSA_DECODE_PAGES_FIRST"] = "0"
     worst = 0.0
     if cache and q_dtype == torch.bfloat16:
         # bf16 q on fp8 with the attention products in fp16 (MSA_FP8_F16=both). The default (bf16 products) is
@@ -56,7 +60,7 @@ def _run_case(name: str) -> float:
         for bufs in c.plan.extras.values():
             bufs[0].fill_(float("nan"))
             bufs[1].fill_(float("nan"))
-    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16"):
+    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16", "MSA_DECODE_PAGES_FIRST"):
         os.environ.pop(var, None)
     return worst
 
