@@ -8,6 +8,10 @@
 #            of the decode attention (MSA_DECODE_TMA), which lost and was removed (round 10 notes)
 #   order:   the extend attention kernels (both passes) with the wide pass's grid head-major (the default) against
 #            the old (tiles, heads, query slot) order (MSA_EXTEND_WIDE_ORDER=part), on random selections
+#   score:   extend index scoring with 128-row items in 64-key steps (MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64: each
+#            key load serves twice the rows of the default 64-row items, at the default's 64 accumulator registers
+#            per thread), 4 warps at 2 / 3 stages and 8 warps, against the default;
+#            first the index top-k GPU tests with that setting
 #   decode / fp8 / extend / prefill: bench_msa's section against upstream (decode at 60k only)
 # Everything lands in $OUT/r10 and is packed into $OUT/r10.tgz at exit.
 set -u
@@ -31,6 +35,18 @@ if has order; then
     for s in MSA_NONE=1 MSA_EXTEND_WIDE_ORDER=part; do kernel_times $c _extend_kernel $s; done
   done
   for s in MSA_NONE=2 MSA_EXTEND_WIDE_ORDER=part; do kernel_times extend_b1_random _extend_kernel $s; done
+fi
+if has score; then
+  R128="MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64 MSA_SCORE_WARPS=4 MSA_SCORE_STAGES=2"
+  # shellcheck disable=SC2086  # R128 holds VAR=value words
+  (export $R128; gpu_tests gpu_tests_topk_rows128_ksub64.log tests/kernels/test_index_topk_gpu.py)
+  for c in extend_b8_overlap_shared extend_b1_overlap prefill_64k; do
+    for s in "MSA_NONE=1" "$R128" "MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64 MSA_SCORE_WARPS=4 MSA_SCORE_STAGES=3" \
+             "MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64 MSA_SCORE_WARPS=8" "MSA_NONE=2"; do
+      # shellcheck disable=SC2086
+      kernel_times $c "_score_kernel|_merge_kernel" $s
+    done
+  done
 fi
 if has decode; then
   python3 benchmarks/kernels/bench_msa.py --only decode --match N=60000 --budget-s 120 --tag r10_decode \
