@@ -8,7 +8,8 @@
 #            of the decode attention (MSA_DECODE_TMA), which lost and was removed (round 10 notes)
 #   order:   the extend attention kernels (both passes) with the wide pass's grid head-major (the default) against
 #            the old (tiles, heads, query slot) order (MSA_EXTEND_WIDE_ORDER=part), on random selections
-#   score:   extend index scoring with 128-row items in 64-key steps (MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64: each
+#   score:   (call 6; MSA_SCORE_KSUB belonged to a scoring-kernel variant since removed, see the round 10 notes)
+#            extend index scoring with 128-row items in 64-key steps (MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64: each
 #            key load serves twice the rows of the default 64-row items, at the default's 64 accumulator registers
 #            per thread), 4 warps at 2 / 3 stages and 8 warps, against the default;
 #            first the index top-k GPU tests with that setting
