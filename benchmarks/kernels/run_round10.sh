@@ -6,8 +6,9 @@
 #   split:   decode attention and the served layer (profile_decode.py: CUDA graphs, graph plan) at B=1, B=8
 #            private / shared and B=32 on 60k under the settings in $SPLIT_SETTINGS. Call 1 ran it on a TMA variant
 #            of the decode attention (MSA_DECODE_TMA), which lost and was removed (round 10 notes)
-#   order:   the extend attention kernels (both passes) with the wide pass's grid head-major (the default) against
-#            the old (tiles, heads, query slot) order (MSA_EXTEND_WIDE_ORDER=part), on random selections
+#   order:   (call 2) the extend attention kernels (both passes) with the wide pass's grid head-major against the
+#            old (tiles, heads, query slot) order (MSA_EXTEND_WIDE_ORDER=part; the knob went once head-major was
+#            adopted), on random selections
 #   score:   (call 6; MSA_SCORE_KSUB belonged to a scoring-kernel variant since removed, see the round 10 notes)
 #            extend index scoring with 128-row items in 64-key steps (MSA_EXTEND_ROWS=128 MSA_SCORE_KSUB=64: each
 #            key load serves twice the rows of the default 64-row items, at the default's 64 accumulator registers

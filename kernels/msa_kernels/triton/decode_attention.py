@@ -99,8 +99,9 @@ def _decode_kernel(
         j = u // UPB
         sub = u % UPB
         if PAGES_FIRST:
-            blk = tl.sum(tl.where(ui == u - split * UPP, blks, 0), 0)
-            page = tl.sum(tl.where(ui == u - split * UPP, pages, 0), 0).to(tl.int64)
+            mine = ui == u - split * UPP
+            blk = tl.sum(tl.where(mine, blks, 0), 0)
+            page = tl.sum(tl.where(mine, pages, 0), 0).to(tl.int64)
         else:
             blk = tl.load(sel_row + j, mask=j < TOPK, other=-1)
             page = tl.load(page_ptr + b * stride_pb + tl.maximum(blk, 0)).to(tl.int64)
@@ -245,7 +246,8 @@ def sparse_attention(
     gpad = max(16, next_pow2(group))
     pairs = batch * hkv
     chunk, nsplit = decode_config(pairs, topk)
-    if chunk not in (16, 32, 64, 128) or nsplit < 1 or cdiv(topk * (BLOCK_SIZE // chunk), nsplit) < 1:
+    units_per_program = cdiv(topk * (BLOCK_SIZE // chunk), nsplit) if nsplit >= 1 else 0
+    if chunk not in (16, 32, 64, 128) or units_per_program < 1:
         raise MSAInputError(f"bad decode split: chunk {chunk}, nsplit {nsplit}")
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
@@ -258,7 +260,7 @@ def sparse_attention(
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
         FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"),
         PAGES_FIRST=pages_first(pairs),
-        UP2=next_pow2(cdiv(topk * (BLOCK_SIZE // chunk), nsplit)), num_warps=4,
+        UP2=next_pow2(units_per_program), num_warps=4,
         num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
     )

@@ -214,22 +214,19 @@ def _extend_kernel(
     qk_scale, v_scale, union_max,
     HKV: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
-    KSUB: tl.constexpr, TMA: tl.constexpr, QG_TILE: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    KSUB: tl.constexpr, TMA: tl.constexpr, QG_TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     if GATED:
         # Second pass, over the first pass's tiles x QG_TILE (that pass's queries per tile): program
-        # (tile, kvh, i) serves query i of a tile that pass found too wide, alone (QG = 1: its own <= TOPK
-        # blocks); the others exit after one flag load. Until round 9 one program per query ran the whole tile
+        # (tile * QG_TILE + i, kvh) serves query i of a tile that pass found too wide, alone (QG = 1: its own
+        # <= TOPK blocks); the others exit after one flag load. Until round 9 one program per query ran the whole tile
         # prologue before finding nothing to do: ~0.26 ms of an H100 at batch 8 on high-overlap selections
         # (3,042 -> 2,785 us for both passes). A loop over a tile's queries in one program was slower on random
         # selections (1,305 against 1,208 us, H100), so each query keeps its own program.
-        if HEAD_MAJOR:  # grid (tiles x QG_TILE, HKV): see _launch
-            part = tile % QG_TILE
-            tile = tile // QG_TILE
-        else:
-            part = tl.program_id(2)
+        part = tile % QG_TILE  # grid (tiles x QG_TILE, HKV), head-major: see _launch
+        tile = tile // QG_TILE
         if tl.load(wide_ptr + tile * HKV + kvh) != 0:
             qn = tl.load(tile_qn_ptr + tile)
             if part < qn:
@@ -382,18 +379,12 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
     k_desc, v_desc = descs if descs is not None else (k_cache, v_cache)  # placeholders the kernel ignores
     stages_default = 3 if descs is not None else 2
     num_stages = int(os.environ.get(f"MSA_EXTEND_{knob}STAGES", os.environ.get("MSA_EXTEND_STAGES", stages_default)))
-    # The wide pass's programs go head-major: every query of KV head 0, then head 1, ... (HEAD_MAJOR). Its
-    # random reads then stay within one head's K/V at a time (~30 MB at 60k: L2-sized), where a grid of
-    # (tiles, heads, queries of a tile) swept every head's K/V once per query slot of a tile. H100 (round 10,
-    # kernel time, two A/B rounds): 1% off at B=1 random (1,198 against 1,209 us), a tie at B=8 random and in
-    # prefill 64k; the pass is bound by L2-to-SM traffic, not by HBM. MSA_EXTEND_WIDE_ORDER=part restores
-    # that grid (A/B).
-    order = os.environ.get("MSA_EXTEND_WIDE_ORDER", "head")
-    if order not in ("head", "part"):
-        raise MSAInputError(f"MSA_EXTEND_WIDE_ORDER must be head or part, got {order!r}")
-    head_major = gate is not None and order == "head"
-    grid = (n_tiles * parts, hkv) if head_major else (n_tiles, hkv, parts)
-    _extend_kernel[grid](
+    # Grid (tiles x parts, KV heads): the wide pass's programs go head-major, every query of KV head 0, then
+    # head 1, ..., so its random reads stay within one head's K/V at a time (~30 MB at 60k: L2-sized). The
+    # earlier (tiles, heads, parts) grid swept every head's K/V once per query slot of a tile; against it, H100
+    # (round 10, kernel time, two A/B rounds): 1% off at B=1 random (1,198 against 1,209 us), a tie at B=8
+    # random and in prefill 64k. The pass is bound by L2-to-SM traffic, not by HBM.
+    _extend_kernel[(n_tiles * parts, hkv)](
         q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, plan.q_pos, tile_req, tile_q0, tile_qn,
         union, bits, pages, wide, out, k_desc, v_desc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -401,7 +392,6 @@ def _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, unio
         qk_scale, v_mult, union_max,
         HKV=hkv, G=group, QG=walk_qg, M=rows, D=q.shape[2], TOPK=topk, TOPK_P2=topk_p2, E=entries,
         BLOCK=BLOCK_SIZE, GATED=gate is not None, KSUB=ksub, TMA=descs is not None, QG_TILE=parts,
-        HEAD_MAJOR=head_major,
         num_warps=num_warps, num_stages=num_stages,
     )
     return wide, tile_of
