@@ -35,7 +35,11 @@ CASES = {
     # the gathered (pointer) loads that TMA replaces on whole pages, kept for caches TMA cannot address
     "mixed_lengths_gather_loads": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, False),
     "fp8_cache_gather_loads": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, False),
+    # queries scaled by Q_GAIN: row maxima jump by several powers of two between blocks, so the O tile must be
+    # rescaled mid-walk (a walk that rescaled only when a row max moved by more than 2^8 passed every other case)
+    "wide_score_range": ([2100, 300], [20, 17], 16, 1, 64, None, "random", 30, None, True),
 }
+Q_GAIN = {"wide_score_range": 24.0}
 BOUND = 2e-3  # fp16 q/k/v, fp32 accumulation (fp16 partials in the KV-major pass)
 
 
@@ -47,6 +51,7 @@ def _run_case(name: str) -> float:
     seqs, qls, hq, hkv, dim, cache, style, union_max, wide_pass, tma = CASES[name]
     c = build_case(seqs, qls, hq, hkv, dim=dim, dtype=torch.float16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style)
+    c.q = (c.q.float() * Q_GAIN.get(name, 1.0)).to(c.q.dtype)
     out = torch.full_like(c.q, float("nan"))
     if name == "tiles_of_64_rows":
         os.environ["MSA_EXTEND_TILE_ROWS"] = "64"
@@ -148,6 +153,26 @@ def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, st
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
                                           c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
         assert rel_error(out, ref) < 1e-2, (union_max, wide_pass, tma)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("style", ["random", "recent"])
+def test_extend_wide_score_range_on_gpu(style: str) -> None:
+    """M3 shapes with queries scaled up, so that row maxima jump by several powers of two mid-walk (random data
+    at gain 1 keeps every score within a few units of its row's first block)."""
+    from msa_kernels.triton import extend_attention
+    from msa_kernels.triton._attn_cases import build_case, rel_error
+    from msa_kernels.triton._attn_gpucheck import gathered_reference
+
+    c = build_case([61952, 1000], [2048, 300], 64, 4, dtype=torch.bfloat16, style=style, device="cuda")
+    c.q = (c.q.float() * 24.0).to(c.q.dtype)
+    ref = gathered_reference(c)
+    for union_max in (None, -1, 10**9):
+        out = torch.full_like(c.q, float("nan"))
+        extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, out=out,
+                                          union_max=union_max)
+        assert rel_error(out, ref) < 1e-2, union_max
 
 
 if __name__ == "__main__" and "--child" in sys.argv:
