@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LINE = re.compile(r"^(?P<case>\S+)\s+(?P<rest>.*?)\s+(?P<us>[\d.]+) us/layer$")
-KERNELS = ("extend attention", "_extend_kernel", "_decode_kernel", "_score_kernel")
+KERNELS = ("extend attention", "_extend_kernel", "_decode_kernel", "_score_kernel|_merge_kernel", "_score_kernel")
 
 
 def parse(path: str) -> dict[tuple[str, str, str], list[tuple[str, float]]]:

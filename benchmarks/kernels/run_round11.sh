@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Round 11 device calls (issue 3). Usage on the device machine, from the repository root:
+#   bash benchmarks/kernels/run_round11.sh [ab,checkx,extend,prefill]
+#   ab:      kernel time of both extend attention passes (_extend_kernel), torch.profiler, per layer: the previous
+#            round's kernels (a copy of HEAD's kernels/ in .ab/base, carried; MSA_KERNELS_DIR) against this tree
+#            under each of $AB_SETTINGS (default: the tree as is). Cases: $AB_CASES (default below, the B=8 case
+#            twice). Call 1 ran it on two versions since removed (round 11 notes: one int64 record per union
+#            member, and a lazy O rescale on top, MSA_EXTEND_LAZY).
+#   score:   extend index scoring (scoring + merge kernels, per layer) with 128-row items on 8 warps at 2 stages
+#            (two programs per SM, each key load serving twice the rows) and at 3 stages, against the default
+#            (64 rows, 4 warps, 3 stages), the default measured first and last
+#   checkx:  pytest -m gpu of extend attention (full M3 shapes; the wide-score-range case included)
+#   extend / prefill: bench_msa's section against upstream
+# Everything lands in $OUT/r11 and is packed into $OUT/r11.tgz at exit.
+set -u
+source "$(dirname "$0")/device_out.sh"
+round_start r11 ab,checkx "$@"
+export PYTHONUNBUFFERED=1
+if has ab; then
+  BASE="MSA_KERNELS_DIR=$PWD/.ab/base/kernels"
+  for c in ${AB_CASES:-extend_b8_overlap_shared extend_b1_overlap extend_b1_random prefill_64k_overlap extend_b8_overlap_shared}; do
+    for s in "$BASE" ${AB_SETTINGS:-MSA_NONE=1}; do kernel_times "$c" _extend_kernel "$s"; done
+  done
+fi
+if has score; then
+  for c in ${SCORE_CASES:-extend_b8_overlap_shared extend_b1_overlap prefill_64k}; do
+    for s in MSA_NONE=1 "MSA_EXTEND_ROWS=128 MSA_SCORE_WARPS=8 MSA_SCORE_STAGES=2" \
+             "MSA_EXTEND_ROWS=128 MSA_SCORE_WARPS=8 MSA_SCORE_STAGES=3" MSA_NONE=2; do
+      # shellcheck disable=SC2086  # $s holds VAR=value words
+      kernel_times "$c" "_score_kernel|_merge_kernel" $s
+    done
+  done
+fi
+if has checkx; then gpu_tests gpu_tests_extend.log tests/kernels/test_extend_attention.py; fi
+if has extend; then bench_eager r11 extend; fi
+if has prefill; then bench_eager r11 prefill; fi
+exit 0  # a step left out is not a failure
