@@ -57,11 +57,12 @@ def _stage_fns(inps: list[bm.Inputs], target: int | None, device: str) -> dict[s
                 tk.launch_merge(work, gp, out)
 
         def attn(x=x, gp=gp, sel=sel):
-            sparse_attention(gp, x.q, x.k_cache, x.v_cache, sel)
+            sparse_attention(gp, x.q, x.k_cache, x.v_cache, sel, None, x.k_scale, x.v_scale)
 
         def layer(x=x, gp=gp, update=update):
             update()
-            sparse_attention(gp, x.q, x.k_cache, x.v_cache, index_topk(gp, x.q_idx, x.idx_k_cache))
+            sparse_attention(gp, x.q, x.k_cache, x.v_cache, index_topk(gp, x.q_idx, x.idx_k_cache), None,
+                             x.k_scale, x.v_scale)
 
         for name, fn in (("update", update), ("score", score), ("merge", merge), ("attn", attn), ("layer", layer)):
             stages[name].append(fn)
@@ -94,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="0,64,128,512", help="top-k items wanted per batch (0: default)")
     ap.add_argument("--sets", type=int, default=8, help="rotated input sets per graph")
-    ap.add_argument("--cases", default="", help="BATCHxCONTEXT[s] list, s = shared prefix (default: the built-in set)")
+    ap.add_argument("--cases", default="",
+                    help="BATCHxCONTEXT[s][f] list, s = shared prefix, f = fp8 K/V and index-K (default: the built-in set)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--stages", default="update,score,merge,attn,layer,profile",
                     help="stages to time; profile = torch.profiler kernel times of the layer")
@@ -104,19 +106,21 @@ def main() -> None:
     rows = []
     print(f"{'case':<26}{'target':>7}{'chunks':>7}{'PDL':>5}{'update':>8}{'score':>8}{'merge':>8}{'attn':>8}"
           f"{'layer':>8}  kernels (profiler, us/call)", flush=True)
-    cases = CASES
+    cases = [(b, n, shared, False) for b, n, shared in CASES]
     if args.cases:
-        cases = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("s")), c.endswith("s")) for c in args.cases.split(",")]
-    for batch, ctx, shared in cases:
-        sets = max(2, min(args.sets, bm.rotation_sets(bm.pool_bytes(batch, ctx, shared))))
-        inps = [bm.build_inputs([ctx] * batch, [1] * batch, shared, device, seed=s) for s in range(sets)]
+        cases = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("sf")), "s" in c.split("x")[1],
+                  "f" in c.split("x")[1]) for c in args.cases.split(",")]
+    for batch, ctx, shared, fp8 in cases:
+        sets = max(2, min(args.sets, bm.rotation_sets(bm.pool_bytes(batch, ctx, shared, fp8))))
+        as_case = bm.to_fp8 if fp8 else (lambda x: x)  # set by set: one bf16 pool at a time beside the fp8 ones
+        inps = [as_case(bm.build_inputs([ctx] * batch, [1] * batch, shared, device, seed=s)) for s in range(sets)]
         for t in [int(v) for v in args.targets.split(",")]:
             st = _stage_fns(inps, t or None, device)
             meta = st.pop("_meta")[0]
             wanted = args.stages.split(",")
             us = {k: (bm.time_graph(v, device)["us"] if k in wanted else float("nan")) for k, v in st.items()}
             kern = _profile_kernels(st["layer"], device) if "profile" in wanted else {}
-            name = f"B={batch} N={ctx}{' shared' if shared else ''}"
+            name = f"B={batch} N={ctx}{' shared' if shared else ''}{' fp8' if fp8 else ''}"
             row = {"case": name, "target": t, **meta, **{f"{k}_us": v for k, v in us.items()}, "kernels": kern}
             rows.append(row)
             kstr = " ".join(f"{k.split('(')[0][-22:]}={v:.1f}" for k, v in sorted(kern.items(), key=lambda kv: -kv[1]))
