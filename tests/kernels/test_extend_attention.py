@@ -102,6 +102,24 @@ def test_extend_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected)
 
 
+def test_tiles_cover_every_query_once() -> None:
+    """The tile list (built with tensor ops) against a plain walk over each request's queries, with requests
+    of 0, 1, fewer than a tile and many tiles of new tokens."""
+    from msa_kernels import plan as make_plan
+    from msa_kernels.triton import extend_attention
+
+    seqs, qls = [300, 129, 2100, 5, 1000], [17, 0, 20, 5, 999]
+    pt = torch.arange(len(seqs) * 20, dtype=torch.int32).view(len(seqs), 20)
+    p = make_plan(pt, seqs, qls)
+    for qg in (1, 4, 8, 16):
+        req, q0, qn, tile_of = (t.tolist() for t in extend_attention._tiles(p, qg, torch.device("cpu")))
+        want, start = [], 0
+        for b, n in enumerate(qls):
+            want += [(b, start + lo, min(qg, n - lo)) for lo in range(0, n, qg)]
+            start += n
+        assert list(zip(req, q0, qn)) == want, qg
+        assert tile_of == [i for i, (_, _, n) in enumerate(want) for _ in range(n)], qg
+
 def test_tile_rows_default_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
     from msa_kernels import MSAInputError
     from msa_kernels.triton import extend_attention as ea

@@ -270,20 +270,20 @@ def queries_per_tile(group: int, rows: int | None = None) -> int:
 
 def _tiles(plan: MSAPlan, qg: int, device: torch.device):
     """(request, first query, query count) of every tile (QG consecutive queries of one request), and the
-    tile of every query token."""
+    tile of every query token. Built with tensor ops on the host (once per plan): the per-tile Python loop it
+    replaced took ~2 ms at 8 x 2,048 new tokens, spent with the GPU idle after the plan's device sync."""
     key = ("extend_attention.tiles", qg, str(device))
     got = plan.extras.get(key)
     if got is None:
-        req, q0, qn, tile_of = [], [], [], []
-        start = 0
-        for b, n in enumerate(plan.q_lens_list):
-            for lo in range(0, n, qg):
-                tile_of += [len(req)] * min(qg, n - lo)
-                req.append(b)
-                q0.append(start + lo)
-                qn.append(min(qg, n - lo))
-            start += n
-        got = tuple(torch.tensor(a, dtype=torch.int32, device=device) for a in (req, q0, qn, tile_of))
+        q_lens = torch.tensor(plan.q_lens_list, dtype=torch.int64)
+        starts = torch.cumsum(q_lens, 0) - q_lens  # first token of each request
+        per_req = (q_lens + qg - 1) // qg  # tiles of each request
+        req = torch.repeat_interleave(torch.arange(len(q_lens)), per_req)
+        first_tile = torch.cumsum(per_req, 0) - per_req
+        lo = (torch.arange(len(req)) - first_tile[req]) * qg  # the tile's first query within its request
+        qn = torch.minimum(q_lens[req] - lo, torch.tensor(qg))
+        tile_of = torch.repeat_interleave(torch.arange(len(req)), qn)
+        got = tuple(a.to(torch.int32).to(device) for a in (req, starts[req] + lo, qn, tile_of))
         plan.extras[key] = got
     return got
 
