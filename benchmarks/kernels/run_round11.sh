@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Round 11 device calls (issue 3; calls 1-4 on an H200, 5-6 on an H100, see the round 11 notes). Usage on the device machine, from the repository root:
-#   bash benchmarks/kernels/run_round11.sh [ab,checkx,extend,prefill]
+# Round 11 device calls (issue 3; calls 1-4 and 7 on an H200, 5-6 and 8-10 on an H100, see the round 11 notes).
+# Usage on the device machine, from the repository root:
+#   bash benchmarks/kernels/run_round11.sh [ab,score,fp8split,checkx,extend,prefill]
 #   ab:      kernel time of both extend attention passes (_extend_kernel), torch.profiler, per layer: the previous
 #            round's kernels (a copy of HEAD's kernels/ in .ab/base, carried; MSA_KERNELS_DIR) against this tree
 #            under each of $AB_SETTINGS (default: the tree as is). Cases: $AB_CASES (default below, the B=8 case
-#            twice). Call 1 ran it on two versions since removed (round 11 notes: one int64 record per union
-#            member, and a lazy O rescale on top, MSA_EXTEND_LAZY).
+#            twice). Calls 1 and 10 ran it on versions since removed (round 11 notes: one int64 record per union
+#            member and a lazy O rescale on top, MSA_EXTEND_LAZY; the scalars loaded a step ahead by hand,
+#            MSA_EXTEND_PREFETCH, with AB_SETTINGS="MSA_EXTEND_PREFETCH=0 MSA_EXTEND_STAGES=2 MSA_NONE=1").
 #   score:   extend index scoring (scoring + merge kernels, per layer) with 128-row items on 8 warps at 2 stages
 #            (two programs per SM, each key load serving twice the rows) and at 3 stages, against the default
 #            (64 rows, 4 warps, 3 stages), the default measured first and last

@@ -10,16 +10,19 @@ Run:
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:.venv/lib/python3.11/site-packages \\
         /tmp/t36/bin/python benchmarks/kernels/sass_loop_stats.py union wide score [--keep DIR]
 
-Kernels: `union` (extend attention's union pass, 128 rows, 4 warps, 64-key steps, 3 stages, TMA), `wide` (its
+Kernels: `union` (extend attention's union pass, 128 rows, 4 warps, 64-key steps, 3 stages or env STAGES, TMA), `wide` (its
 query-major wide pass), `score` (extend index scoring, 64-row items, 4 warps, 3 stages, TMA). Per kernel: shared
 memory, ptxas' registers and spills, and per loop (a backward branch) the instruction count and the counts of
 HGMMA, MUFU.EX2, BAR.SYNC, LDGSTS/DEPBAR (loads pipelined through shared memory), local-memory spills, TMA
 issues and global loads. Pointer and stride arguments are compiled as divisible by 16, as on the GPU; without
-that the gathered loads compile to 2-byte loads.
+that the gathered loads compile to 2-byte loads. Watch the shared memory too: an H100 SM holds two union-pass
+programs only below ~113 KB each, and a loop change can make Triton add a buffer (round 11: 98 -> 131 KB, 16-29%
+slower).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -60,7 +63,7 @@ def _extend(gated: bool):
     desc = f"tensordesc<bf16[{ksub}, 128]>" if not gated else "*bf16"
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc,
              "v_desc": desc, "qk_scale": "fp32", "v_scale": "fp32"}
-    return extend_attention._extend_kernel, const, types, (4, 2 if gated else 3)
+    return extend_attention._extend_kernel, const, types, (4, 2 if gated else int(os.environ.get("STAGES", 3)))
 
 
 def _score():
