@@ -34,6 +34,12 @@ CASES = [(1, 8192, False), (1, 60000, False), (8, 60000, False), (8, 60000, True
          (1, 262144, False)]
 
 
+def _parse_case(text: str) -> tuple[int, int, bool, bool]:
+    """"32x60000sf" -> (batch 32, context 60000, shared prefix, fp8 caches)."""
+    batch, rest = text.split("x")
+    return int(batch), int(rest.rstrip("sf")), "s" in rest, "f" in rest
+
+
 def _stage_fns(inps: list[bm.Inputs], target: int | None, device: str) -> dict[str, list]:
     stages: dict[str, list] = {"update": [], "score": [], "merge": [], "attn": [], "layer": []}
     for x in inps:
@@ -108,8 +114,7 @@ def main() -> None:
           f"{'layer':>8}  kernels (profiler, us/call)", flush=True)
     cases = [(b, n, shared, False) for b, n, shared in CASES]
     if args.cases:
-        cases = [(int(c.split("x")[0]), int(c.split("x")[1].rstrip("sf")), "s" in c.split("x")[1],
-                  "f" in c.split("x")[1]) for c in args.cases.split(",")]
+        cases = [_parse_case(c) for c in args.cases.split(",")]
     for batch, ctx, shared, fp8 in cases:
         sets = max(2, min(args.sets, bm.rotation_sets(bm.pool_bytes(batch, ctx, shared, fp8))))
         as_case = bm.to_fp8 if fp8 else (lambda x: x)  # set by set: one bf16 pool at a time beside the fp8 ones

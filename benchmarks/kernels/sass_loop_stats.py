@@ -10,8 +10,8 @@ Run:
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:.venv/lib/python3.11/site-packages \\
         /tmp/t36/bin/python benchmarks/kernels/sass_loop_stats.py union wide score [--keep DIR]
 
-Kernels: `union` (extend attention's union pass, 128 rows, 4 warps, 64-key steps, 3 stages or env STAGES, TMA), `wide` (its
-query-major wide pass), `score` (extend index scoring, 64-row items, 4 warps, 3 stages, TMA). Per kernel: shared
+Kernels: `union` (extend attention's union pass, 128 rows, 4 warps, 64-key steps, 3 stages or env STAGES,
+TMA), `wide` (its query-major wide pass), `score` (extend index scoring, 64-row items, 4 warps, 3 stages, TMA). Per kernel: shared
 memory, ptxas' registers and spills, and per loop (a backward branch) the instruction count and the counts of
 HGMMA, MUFU.EX2, BAR.SYNC, LDGSTS/DEPBAR (loads pipelined through shared memory), local-memory spills, TMA
 issues and global loads. Pointer and stride arguments are compiled as divisible by 16, as on the GPU; without
@@ -50,6 +50,7 @@ def _signature(fn, constexprs: dict, types: dict) -> tuple[dict, dict]:
             sig[name] = "constexpr"
             continue
         sig[name] = types.get(name) or ("*i32" if name.endswith("_ptr") else "i32")
+        # as Triton specializes them on the GPU; stride_pb is a do_not_specialize argument of the kernels
         if (name.endswith("_ptr") or name.startswith("stride_")) and name != "stride_pb":
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs

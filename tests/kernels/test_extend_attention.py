@@ -120,6 +120,7 @@ def test_tiles_cover_every_query_once() -> None:
         assert list(zip(req, q0, qn)) == want, qg
         assert tile_of == [i for i, (_, _, n) in enumerate(want) for _ in range(n)], qg
 
+
 def test_tile_rows_default_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
     from msa_kernels import MSAInputError
     from msa_kernels.triton import extend_attention as ea

@@ -114,6 +114,16 @@ def to_f16_clamped(x):
     return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """A 0/1 A/B switch from the environment (MSA_TMA, MSA_DECODE_PAGES_FIRST, ...); anything else is refused."""
+    flag = os.environ.get(name)
+    if flag is None:
+        return default
+    if flag not in ("0", "1"):
+        raise MSAInputError(f"{name} must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
 def tma_descriptor(cache: torch.Tensor, rows: int, use: bool | None):
     """A tensor-memory-accelerator (TMA) descriptor for loading [rows, D] tiles of one head from a paged cache
     [slots, heads, D], or None where the caller must gather with pointer loads instead.
@@ -124,10 +134,7 @@ def tma_descriptor(cache: torch.Tensor, rows: int, use: bool | None):
     needs the last two dimensions contiguous and 16-byte aligned rows and base. `use`: False never, True when
     the layout allows it, None reads MSA_TMA (default 1)."""
     if use is None:
-        flag = os.environ.get("MSA_TMA", "1")
-        if flag not in ("0", "1"):
-            raise MSAInputError(f"MSA_TMA must be 0 or 1, got {flag!r}")
-        use = flag == "1"
+        use = env_switch("MSA_TMA", True)
     if not use or TensorDescriptor is None:
         return None
     slots, heads, dim = cache.shape

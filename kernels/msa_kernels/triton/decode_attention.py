@@ -45,6 +45,7 @@ from ._attn_common import (
     NEG_BIG,
     cdiv,
     check_attention_inputs,
+    env_switch,
     fp8_in_f16,
     is_fp8,
     merge_partials,
@@ -90,7 +91,8 @@ def _decode_kernel(
     if PAGES_FIRST:
         # Every unit's block and page as vectors before the loop: each unit's K/V addresses then depend on
         # registers only, not on two dependent loads (block id, then page) issued in the unit's own step.
-        # (Compiled for sm_90a, neither path stages K/V through shared memory; the gain is the shorter chain.)
+        # (Both paths stage K/V through shared memory with cp.async (sm_90a SASS, round 11); the gain is the
+        # shorter chain before each unit's copies.)
         ui = tl.arange(0, UP2)
         uj = (split * UPP + ui) // UPB
         blks = tl.load(sel_row + uj, mask=(ui < UPP) & (uj < TOPK), other=-1)
@@ -189,12 +191,7 @@ def pages_first(pairs: int) -> bool:
     Measured on an H100 (round 10, attention alone in CUDA graphs, 60k, two A/B rounds in one call): B=1
     8.1 / 8.3 us against 8.9 / 9.0 per-unit lookups, B=8 on a shared prefix 17.9 / 17.9 against 19.8 / 18.5; but
     B=32 (128 pairs, half-page units) 58.9 / 59.3 against 54.7 / 55.4. MSA_DECODE_PAGES_FIRST=0/1 overrides (A/B)."""
-    flag = os.environ.get("MSA_DECODE_PAGES_FIRST")
-    if flag is None:
-        return pairs < 64
-    if flag not in ("0", "1"):
-        raise MSAInputError(f"MSA_DECODE_PAGES_FIRST must be 0 or 1, got {flag!r}")
-    return flag == "1"
+    return env_switch("MSA_DECODE_PAGES_FIRST", pairs < 64)
 
 
 def _work_buffers(plan: MSAPlan, device: torch.device, pairs: int, nsplit: int, gpad: int, dim: int):

@@ -281,7 +281,7 @@ def _tiles(plan: MSAPlan, qg: int, device: torch.device):
         req = torch.repeat_interleave(torch.arange(len(q_lens)), per_req)
         first_tile = torch.cumsum(per_req, 0) - per_req
         lo = (torch.arange(len(req)) - first_tile[req]) * qg  # the tile's first query within its request
-        qn = torch.minimum(q_lens[req] - lo, torch.tensor(qg))
+        qn = (q_lens[req] - lo).clamp(max=qg)
         tile_of = torch.repeat_interleave(torch.arange(len(req)), qn)
         got = tuple(a.to(torch.int32).to(device) for a in (req, starts[req] + lo, qn, tile_of))
         plan.extras[key] = got
