@@ -26,9 +26,16 @@ CASES = {
     "group4_two_kv_heads_d128": ([1000, 70], 8, 2, 128, None, "recent", None, True, torch.float16),
     "one_split_direct_write": ([2100, 1], 16, 1, 64, None, "random", (128, 1), True, torch.float16),
     "half_page_units_32_splits": ([4000, 257, 4031], 16, 1, 64, None, "random", (64, 32), True, torch.float16),
+    # fp8 K/V load as int32 words widened by bit operations (e4m3_words_to_f16); "_byte_loads" runs the
+    # byte loads kept for caches whose strides are not whole words (MSA_FP8_WORDS=0).
     "fp8_cache": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16),
-    # bf16 q on an fp8 cache: the products run in fp16 (fp8_in_f16); the output is bf16, hence its bound.
-    "fp8_cache_bf16_q": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
+    "fp8_cache_byte_loads": ([3000, 200], 16, 1, 64, "fp8", "random", None, True, torch.float16),
+    # bf16 q on an fp8 cache: the products run in fp16; the output is bf16, hence its bound.
+    "fp8_cache_bf16_q": ([2500, 300, 1023], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
+    "fp8_cache_bf16_q_byte_loads": ([2500, 300], 16, 1, 64, "fp8", "random", None, True, torch.bfloat16),
+    "fp8_words_half_page_units": ([4000, 257, 4031], 16, 1, 64, "fp8", "random", (64, 32), True, torch.float16),
+    "fp8_words_group8_d128_two_launch": ([3000, 200, 1023], 8, 2, 128, "fp8", "random", None, False,
+                                         torch.bfloat16),
 }
 # fp16 q/k/v, fp32 accumulation (fp8 is compared with its own dequantized values); bf16 outputs round at 2^-8.
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -47,10 +54,12 @@ def _run_case(name: str) -> float:
     if name.endswith("_per_unit_lookup"):
         os.environ["MSA_DECODE_PAGES_FIRST"] = "0"
     worst = 0.0
-    if cache and q_dtype == torch.bfloat16:
-        # bf16 q on fp8 with the attention products in fp16 (MSA_FP8_F16=both). The default (bf16 products) is
-        # checked on the GPU only: the interpreter widens e4m3 to bf16 wrongly (relative error ~1e8 here).
-        os.environ["MSA_FP8_F16"] = "both"
+    if name.endswith("_byte_loads"):
+        os.environ["MSA_FP8_WORDS"] = "0"
+        if q_dtype == torch.bfloat16:
+            # bf16 q on fp8 K bytes with the products in fp16 (MSA_FP8_F16=both). The byte path's default (bf16
+            # products) is checked on the GPU only: the interpreter widens e4m3 to bf16 wrongly (error ~1e8).
+            os.environ["MSA_FP8_F16"] = "both"
     for _ in range(2):  # the second call reuses the plan's partials and tickets: they must be left clean
         out = torch.full_like(c.q, float("nan"))
         decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
@@ -60,7 +69,7 @@ def _run_case(name: str) -> float:
         for bufs in c.plan.extras.values():
             bufs[0].fill_(float("nan"))
             bufs[1].fill_(float("nan"))
-    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16", "MSA_DECODE_PAGES_FIRST"):
+    for var in ("MSA_DECODE_CHUNK", "MSA_DECODE_NSPLIT", "MSA_FP8_F16", "MSA_DECODE_PAGES_FIRST", "MSA_FP8_WORDS"):
         os.environ.pop(var, None)
     return worst
 
@@ -104,8 +113,8 @@ def test_decode_rejects_bad_inputs() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads", [(64, 4), (16, 1), (8, 1)])
-@pytest.mark.parametrize("cache", [None, "fp8"])
-def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None) -> None:
+@pytest.mark.parametrize("cache", [None, "fp8", "fp8_bytes"])
+def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, monkeypatch) -> None:
     from msa_kernels.triton import decode_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
     from msa_kernels.triton._attn_gpucheck import gathered_reference
@@ -115,6 +124,8 @@ def test_decode_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None) ->
     c = build_case(seqs, [1] * len(seqs), hq, hkv, dtype=torch.bfloat16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, device="cuda")
     ref = gathered_reference(c)
+    if cache == "fp8_bytes":  # the byte loads kept for caches not laid out in whole words
+        monkeypatch.setenv("MSA_FP8_WORDS", "0")
     for fused in (True, False):
         out = torch.full_like(c.q, float("nan"))
         decode_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,

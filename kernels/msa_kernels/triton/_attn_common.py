@@ -114,6 +114,38 @@ def to_f16_clamped(x):
     return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
+# e4m3 widened by `e4m3_words_to_f16` is the value times 2^-8 (fp16's exponent bias is 8 above e4m3's); the
+# callers fold this factor into their scales.
+E4M3_WORDS_GAIN = 256.0
+
+
+@triton.jit
+def e4m3_words_to_f16(w, R: tl.constexpr, W: tl.constexpr):
+    """[R, W] int32 words of 4 e4m3 bytes each -> [R, 4 W] fp16 in byte order, each value times 2^-8, exactly.
+
+    Why: Triton widens an 8-bit tile after moving it into the MMA layout one byte at a time (LDS.U8 + PRMT, 822
+    SASS instructions per 64-token decode unit against 433 for bf16; round 11). Loaded as 32-bit words, a byte's
+    sign goes to fp16's sign bit and its 7 exponent+mantissa bits shift into fp16's exponent and mantissa, two
+    values per 32-bit operation, and the layout change then moves 16-bit values. Subnormals map exactly; e4m3's
+    NaN (0x7f) becomes the finite 1.875 * 2^-8, which no stored cache value produces."""
+    u = w.to(tl.uint32, bitcast=True)
+    lo = ((u & 0x00800080) << 8) | ((u & 0x007F007F) << 7)  # bytes 0 and 2 as fp16 bit patterns
+    hi = (u & 0x80008000) | ((u & 0x7F007F00) >> 1)  # bytes 1 and 3
+    b0 = (lo & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    b2 = (lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    b1 = (hi & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    b3 = (hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [R, 4 * W])
+
+
+def e4m3_words(cache: torch.Tensor) -> torch.Tensor | None:
+    """An fp8 cache [slots, heads, D] seen as int32 words [slots, heads, D / 4] for `e4m3_words_to_f16`, or None
+    where its strides or offset do not fall on 4-byte boundaries (the caller then loads bytes)."""
+    if cache.shape[-1] % 4 or cache.storage_offset() % 4 or any(s % 4 for s in cache.stride()[:-1]):
+        return None
+    return cache.view(torch.int32)
+
+
 def env_switch(name: str, default: bool) -> bool:
     """A 0/1 A/B switch from the environment (MSA_TMA, MSA_DECODE_PAGES_FIRST, ...); anything else is refused."""
     flag = os.environ.get(name)

@@ -24,11 +24,17 @@ Measured on an H100 80GB HBM3 (Triton 3.6; CUDA graph of 16 calls, each on its o
   batch 1 is a chain of dependent memory latencies (selection -> page table -> K/V -> partial -> ticket ->
   merge) that the split does not shorten.
 - 16 q / 1 KV head (TP4): batch 1 8.3 us (8 splits), batch 8 12.2 us, batch 32 24.4 us (16 splits).
-- fp8 K/V, 64/4 heads: batch 32 48.7 us, 1.2-1.3x faster than bf16 (the widening to bf16 on load keeps it
-  at ~48% of its halved bytes bound).
+- fp8 K/V, 64/4 heads (round 12, CUDA graphs, profile_decode): batch 32 ~41 us on the H100 (36 us on an H200),
+  batch 8 on a shared prefix 16 us, batch 1 10.4 us: 1.3x faster than bf16 at batch 32, far from its halved bytes
+  bound. The time follows the units a program walks more than their bytes (bf16 and fp8 differ by 1.3x, not 2x);
+  a strided-read probe reads one head's pages as fast at 4 KV heads as at 1, so it is not the cache layout.
 
-fp8 (e4m3) caches hold value / scale: K and V are widened to q's dtype on load, k_scale folds into the score
-multiplier and v_scale into the output.
+fp8 (e4m3) caches hold value / scale. K and V load as int32 words and widen to fp16 by bit operations
+(`e4m3_words_to_f16`, exact; the products then run in fp16): Triton's own widening of an 8-bit tile moves it
+into the MMA layout byte by byte first. Measured against byte loads in the same calls: batch 8 on a shared prefix
+16.1 vs 18.2 us and batch 1 10.4 vs 11.2 us (H100), batch 32 a tie on the H100 (41 us) and 36 vs 38 us on an
+H200. Caches whose strides are not whole words keep byte loads (MSA_FP8_WORDS=0 forces them, for A/B). k_scale
+folds into the score multiplier and v_scale into the output, each with the words' 2^8.
 """
 
 from __future__ import annotations
@@ -42,9 +48,12 @@ import triton.language as tl
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
 from ._attn_common import (
+    E4M3_WORDS_GAIN,
     NEG_BIG,
     cdiv,
     check_attention_inputs,
+    e4m3_words,
+    e4m3_words_to_f16,
     env_switch,
     fp8_in_f16,
     is_fp8,
@@ -65,6 +74,7 @@ def _decode_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, NSPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     F16_FOR_FP8: tl.constexpr, PDL: tl.constexpr, PAGES_FIRST: tl.constexpr, UP2: tl.constexpr,
+    FP8_WORDS: tl.constexpr,
 ):
     pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
@@ -75,12 +85,13 @@ def _decode_kernel(
     rows = tl.arange(0, GPAD)
     cols = tl.arange(0, D)
     n = tl.arange(0, CHUNK)
+    wcols = tl.arange(0, D // 4)
     q = tl.load(
         q_ptr + b * stride_qt + (kvh * G + rows)[:, None] * stride_qh + cols[None, :],
         mask=(rows < G)[:, None],
         other=0.0,
     )
-    if F16_FOR_FP8:  # fp8 K/V with the products in fp16 (MSA_FP8_F16=both; see fp8_in_f16)
+    if F16_FOR_FP8 or FP8_WORDS:  # fp8 K/V with the products in fp16 (words widen to fp16; see fp8_in_f16)
         q = to_f16_clamped(q)
     UPB: tl.constexpr = BLOCK // CHUNK  # units per block
     UPP: tl.constexpr = (TOPK * UPB + NSPLIT - 1) // NSPLIT  # units per program
@@ -110,16 +121,26 @@ def _decode_kernel(
         tok = sub * CHUNK + n
         valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
         slot = page * BLOCK + tok
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
-                    mask=valid[:, None], other=0.0)
+        if FP8_WORDS:  # int32 words of 4 e4m3 values, widened to fp16 x 2^-8 (see e4m3_words_to_f16)
+            kw = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + wcols[None, :],
+                         mask=valid[:, None], other=0)
+            k = e4m3_words_to_f16(kw, CHUNK, D // 4)
+        else:
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
+                        mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
-                    mask=valid[:, None], other=0.0)
+        if FP8_WORDS:
+            vw = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + wcols[None, :],
+                         mask=valid[:, None], other=0)
+            v = e4m3_words_to_f16(vw, CHUNK, D // 4)
+        else:
+            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
+                        mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -249,14 +270,22 @@ def sparse_attention(
     if fused_merge is None:
         fused_merge = os.environ.get("MSA_DECODE_FUSED_MERGE", "1") != "0"
     part_o, part_lse, tickets = _work_buffers(plan, q.device, pairs, nsplit, gpad, dim)
+    qk_scale = score_scale(scale, dim, k_scale, fp8)
+    v_mult = float(v_scale) if fp8 else 1.0
+    k_arg, v_arg = k_cache, v_cache
+    if fp8 and env_switch("MSA_FP8_WORDS", True):  # round 12: 0 loads bytes (A/B)
+        k_words, v_words = e4m3_words(k_cache), e4m3_words(v_cache)
+        if k_words is not None and v_words is not None:
+            k_arg, v_arg = k_words, v_words
+            qk_scale, v_mult = qk_scale * E4M3_WORDS_GAIN, v_mult * E4M3_WORDS_GAIN
     _decode_kernel[(pairs, nsplit)](
-        q, k_cache, v_cache, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        q, k_arg, v_arg, selected, plan.page_table, plan.seq_lens, out, part_o, part_lse, tickets,
+        q.stride(0), q.stride(1), k_arg.stride(0), k_arg.stride(1), v_arg.stride(0), v_arg.stride(1),
         selected.stride(0), selected.stride(1), plan.page_table.stride(0), out.stride(0), out.stride(1),
-        score_scale(scale, dim, k_scale, fp8), float(v_scale) if fp8 else 1.0,
+        qk_scale, v_mult,
         HKV=hkv, G=group, GPAD=gpad, D=dim, TOPK=topk, BLOCK=BLOCK_SIZE, CHUNK=chunk, NSPLIT=nsplit,
         FUSED_MERGE=fused_merge, F16_FOR_FP8=fp8_in_f16(q, k_cache, "attn"),
-        PAGES_FIRST=pages_first(pairs),
+        PAGES_FIRST=pages_first(pairs), FP8_WORDS=k_arg is not k_cache,
         UP2=next_pow2(units_per_program), num_warps=4,
         num_stages=int(os.environ.get("MSA_DECODE_STAGES", 3)),
         **pdl_launch_options(q.device, batch <= PDL_MAX_BATCH),
