@@ -36,9 +36,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# M3 attention shapes (perf_anchors.md section 0).
-HQ, HKV, HEAD_DIM = 64, 4, 128
-H_IDX, IDX_DIM = 4, 128
+# M3 attention shapes (perf_anchors.md section 0). MSA_BENCH_HEADS="16/1" (or "8/1") measures the per-GPU split of
+# tensor parallelism 4 (or 8) instead: query heads / KV heads. One index head governs each KV head at every split
+# (research/upstream_sglang_m3.md, sharding table), and the one index-K head is replicated on every rank.
+HQ, HKV = (int(v) for v in os.environ.get("MSA_BENCH_HEADS", "64/4").split("/"))
+HEAD_DIM = 128
+H_IDX, IDX_DIM = HKV, 128
 BLOCK, TOPK = 128, 16
 SPARSE_LAYERS = 57  # M3's sparse-attention layers: the decode plan update is shared by all of them
 GROUP = HQ // HKV
@@ -1243,6 +1246,7 @@ def environment(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
+        "heads": f"{HQ}/{HKV}",
     }
     try:
         import triton
@@ -1353,6 +1357,7 @@ def markdown(data: dict) -> str:
     lines = [f"# MSA kernel benchmark: {env.get('card')}", "",
              f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
              f"- card: {env.get('nvidia_smi', env.get('card'))}",
+             f"- attention heads (query / KV): {env.get('heads', '64/4')}",
              f"- included: grid {data.get('grid')}, sections {args.get('only') or 'all'}"
              + (f", cases matching `{args.get('match')}`" if args.get("match") else "")
              + f"; wall time {env.get('wall_s')} s",
