@@ -104,9 +104,13 @@ def decode_cases(grid: str) -> list[DecodeCase]:
     return out
 
 
-def fp8_cases(grid: str) -> list[DecodeCase]:
+def fp8_cases(grid: str, every_context: bool = False) -> list[DecodeCase]:
+    """The fp8 target's case (B=32 at 60k), or with every_context the decode grid's private cases in fp8 (what
+    does not fit the card is skipped when run)."""
     if grid == "tiny":
-        return [DecodeCase(2, 2500, fp8=True)]
+        return [DecodeCase(2, 2500, fp8=True)] + ([DecodeCase(1, 9000, fp8=True)] if every_context else [])
+    if every_context:
+        return [DecodeCase(c.batch, c.context, fp8=True) for c in decode_cases(grid) if not c.shared_prefix]
     return [DecodeCase(8 if grid == "quick" else 32, 60000, fp8=True)]
 
 
@@ -1214,7 +1218,8 @@ class Bench:
             work += [("decode", c) for c in decode_cases(self.grid)
                      if not (self.args.max_context and c.context > self.args.max_context)]
         if "fp8" in only:
-            work += [("fp8", c) for c in fp8_cases(self.grid)]
+            work += [("fp8", c) for c in fp8_cases(self.grid, self.args.fp8_grid)
+                     if not (self.args.max_context and c.context > self.args.max_context)]
         if "extend" in only:
             work += [("extend", c) for c in extend_cases(self.grid)]
         if "prefill" in only:
@@ -1399,16 +1404,20 @@ def markdown(data: dict) -> str:
                          f"{_fmt(x.get('graph_plan_speedup_vs_upstream'), '.2f')} |")
     fp8 = [x for x in summary if x.get("ours_bf16_us") is not None or "fp8" in x["case"]]
     if fp8:
-        agree = {(ch["variant"]): ch.get("agreement") for ch in data["checks"] if "agreement fp8" in ch.get("what", "")}
-        ups = {r["variant"]: r["us"] for r in data["rows"] if "fp8" in r["case"] and r.get("ok") and r.get("us")}
+        # keyed by case: a run may hold several fp8 cases (--fp8-grid)
+        agree = {(ch["case"], ch["variant"]): ch.get("agreement") for ch in data["checks"]
+                 if "agreement fp8" in ch.get("what", "")}
+        ups = {(r["case"], r["variant"]): r["us"] for r in data["rows"]
+               if "fp8" in r["case"] and r.get("ok") and r.get("us")}
         lines += ["", "## fp8 K/V + fp8 index-K decode", "",
                   "| case | ours bf16 µs | ours fp8 µs | fp8 speedup over ours bf16 | upstream bf16 µs | upstream fp8 µs | "
                   "selection agreement fp8 vs bf16 (ours / reference scorer) |", "|---|---|---|---|---|---|---|"]
         for x in fp8:
-            lines.append(f"| {x['case']} | {_fmt(x.get('ours_bf16_us'))} | {_fmt(x['ours_us'])} | "
-                         f"{_fmt(x.get('fp8_speedup_vs_ours_bf16'), '.2f')} | {_fmt(ups.get('upstream bf16 layer'))} | "
-                         f"{_fmt(ups.get('upstream fp8 layer'))} | {_fmt(agree.get('ours'), '.3f')} / "
-                         f"{_fmt(agree.get('reference'), '.3f')} |")
+            c = x["case"]
+            lines.append(f"| {c} | {_fmt(x.get('ours_bf16_us'))} | {_fmt(x['ours_us'])} | "
+                         f"{_fmt(x.get('fp8_speedup_vs_ours_bf16'), '.2f')} | {_fmt(ups.get((c, 'upstream bf16 layer')))} | "
+                         f"{_fmt(ups.get((c, 'upstream fp8 layer')))} | {_fmt(agree.get((c, 'ours')), '.3f')} / "
+                         f"{_fmt(agree.get((c, 'reference')), '.3f')} |")
     lines += ["", "## Every variant", "",
               "| section | case | variant | µs | timing | sets | % of roofline | TFLOP/s (useful) | note |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -1457,9 +1466,11 @@ def plot(data: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except Exception as e:  # noqa: BLE001
         return f"matplotlib unavailable: {e}"
-    rows = [r for r in data["rows"] if r["section"] == "decode" and r.get("ok") and r.get("us")
-            and not r.get("shared_prefix") and r.get("context") and "fp8" not in r["case"]
-            and (r["variant"].endswith("layer") or r["variant"].startswith("dense"))]
+    # fp8 cases add their fp8 layers; their bf16 layers repeat the decode cases' "ours layer"
+    rows = [r for r in data["rows"] if r["section"] in ("decode", "fp8") and r.get("ok") and r.get("us")
+            and not r.get("shared_prefix") and r.get("context")
+            and (r["variant"].endswith("layer") or r["variant"].startswith("dense"))
+            and ("fp8" not in r["case"] or "fp8" in r["variant"])]
     if not rows:
         return "no decode rows to plot"
     batches = sorted({r["batch"] for r in rows})
@@ -1469,10 +1480,11 @@ def plot(data: dict, path: Path) -> str | None:
             pts = sorted((r["context"], r["us"]) for r in rows if r["batch"] == b and r["variant"] == variant)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
-        lbs = sorted({(r["context"], r["lb_us"]) for r in rows if r["batch"] == b and r["variant"].endswith("layer")
-                      and r.get("lb_us")})
-        if lbs:
-            ax.plot([p[0] for p in lbs], [p[1] for p in lbs], "k--", label="MSA bytes bound")
+        for fp8, style, label in ((False, "k--", "MSA bytes bound"), (True, "k:", "MSA fp8 bytes bound")):
+            lbs = sorted({(r["context"], r["lb_us"]) for r in rows if r["batch"] == b and r.get("lb_us")
+                          and r["variant"].endswith("layer") and ("fp8" in r["variant"]) == fp8})
+            if lbs:
+                ax.plot([p[0] for p in lbs], [p[1] for p in lbs], style, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("context tokens")
@@ -1493,6 +1505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller grid (B 1/8, N 8k/60k, extend B=1, prefill 16k)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke test of the harness itself")
     ap.add_argument("--max-context", type=int, default=0, help="skip decode contexts above this")
+    ap.add_argument("--fp8-grid", action="store_true", help="fp8 at every batch and context of the decode grid")
     ap.add_argument("--reps", type=int, default=5, help="eager repetitions (median) for extend/prefill")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--baseline", default=str(ROOT / ".baseline"), help="folder prepared by prepare_gpu_bundle.sh")
