@@ -204,11 +204,13 @@ def case_graph_decode_shared_prefix():
     import torch
 
     # 1 and 2 index heads (the per-GPU splits of tensor parallelism) make sub-groups of 16 and 8 requests.
+    # Target 10 gives one 64-block chunk per request: longer than a candidate row (16), so no sharing is tried
+    # and every request scores its own pages.
     width = 48
     seqs = [5200, 5300, 5400, 5500, 5600, 6000, 5700, 4000, 4100, 700]
     num_pages = len(seqs) * width + 64
     results = []
-    for heads, target in ((4, 40), (4, 80), (4, 160), (2, 80), (1, 80)):
+    for heads, target in ((4, 40), (4, 80), (4, 160), (2, 80), (1, 80), (4, 10)):
         pt = torch.randperm(num_pages)[: len(seqs) * width].view(len(seqs), width).to(torch.int32)
         pt[1:6, :40] = pt[0, :40]
         pt[6, :21] = pt[0, :21]

@@ -206,32 +206,36 @@ def _graph_item_rows(pt_ptr, stride_pt, q_pos_ptr, n_req, b_ref, j0, j1, chunk_b
     jj0 = j0
     jj1 = j1
     shared = j1 < 0  # a false scalar of the right type
+    # Sharing needs a candidate slot per block of the chunk (CB <= KS). Long histories get longer chunks (B=32
+    # at 60k: 64 blocks), and the group test (a [batch, KS] page-table gather before the first key load) would
+    # only add latency there: 88 -> 92 us at B=32 x 60k fp8 on an H100 (round 12), so it is skipped.
     if SHARE:
-        PER: tl.constexpr = BLOCK_M // H
-        bb = tl.arange(0, BATCH_P2)
-        cc = tl.arange(0, KS)
-        in_b = bb < n_req
-        full = in_b & (tl.load(q_pos_ptr + bb, mask=in_b, other=0) // PAGE >= j0 + chunk_blocks)
-        cmask = cc < chunk_blocks
-        mine_full = j1 == j0 + chunk_blocks
-        pages = tl.load(pt_ptr + bb.to(tl.int64)[:, None] * stride_pt + (j0 + cc)[None, :],
-                        mask=full[:, None] & cmask[None, :], other=-1)
-        mine = tl.load(pt_ptr + b_ref.to(tl.int64) * stride_pt + j0 + cc, mask=cmask & mine_full, other=-2)
-        same = tl.sum(((pages == mine[None, :]) | (cc >= chunk_blocks)[None, :]).to(tl.int32), 1) == KS
-        member = full & same
-        g = tl.sum(member.to(tl.int32), 0)
-        shared = (chunk_blocks <= KS) & mine_full & (g > 1)
-        rank = tl.sum((member & (bb < b_ref)).to(tl.int32), 0)
-        sg0 = (rank // PER) * PER  # first rank of this member's sub-group
-        gs = tl.maximum(tl.minimum(PER, g - sg0), 1)  # >= 1 also where unshared (where() evaluates both)
-        m = rank - sg0
-        pos = tl.cumsum(member.to(tl.int32), 0) - 1  # rank of every member
-        mi = r // H
-        req_r = tl.sum(tl.where(member[None, :] & (pos[None, :] == sg0 + mi[:, None]), bb[None, :], 0), 1)
-        row = tl.where(shared, req_r * H + r % H, row)
-        row_ok = tl.where(shared, (mi < gs) & (r < PER * H), row_ok)
-        jj0 = tl.where(shared, j0 + (m * chunk_blocks) // gs, j0)
-        jj1 = tl.where(shared, j0 + ((m + 1) * chunk_blocks) // gs, j1)
+        if chunk_blocks <= KS:
+            PER: tl.constexpr = BLOCK_M // H
+            bb = tl.arange(0, BATCH_P2)
+            cc = tl.arange(0, KS)
+            in_b = bb < n_req
+            full = in_b & (tl.load(q_pos_ptr + bb, mask=in_b, other=0) // PAGE >= j0 + chunk_blocks)
+            cmask = cc < chunk_blocks
+            mine_full = j1 == j0 + chunk_blocks
+            pages = tl.load(pt_ptr + bb.to(tl.int64)[:, None] * stride_pt + (j0 + cc)[None, :],
+                            mask=full[:, None] & cmask[None, :], other=-1)
+            mine = tl.load(pt_ptr + b_ref.to(tl.int64) * stride_pt + j0 + cc, mask=cmask & mine_full, other=-2)
+            same = tl.sum(((pages == mine[None, :]) | (cc >= chunk_blocks)[None, :]).to(tl.int32), 1) == KS
+            member = full & same
+            g = tl.sum(member.to(tl.int32), 0)
+            shared = (chunk_blocks <= KS) & mine_full & (g > 1)
+            rank = tl.sum((member & (bb < b_ref)).to(tl.int32), 0)
+            sg0 = (rank // PER) * PER  # first rank of this member's sub-group
+            gs = tl.maximum(tl.minimum(PER, g - sg0), 1)  # >= 1 also where unshared (where() evaluates both)
+            m = rank - sg0
+            pos = tl.cumsum(member.to(tl.int32), 0) - 1  # rank of every member
+            mi = r // H
+            req_r = tl.sum(tl.where(member[None, :] & (pos[None, :] == sg0 + mi[:, None]), bb[None, :], 0), 1)
+            row = tl.where(shared, req_r * H + r % H, row)
+            row_ok = tl.where(shared, (mi < gs) & (r < PER * H), row_ok)
+            jj0 = tl.where(shared, j0 + (m * chunk_blocks) // gs, j0)
+            jj1 = tl.where(shared, j0 + ((m + 1) * chunk_blocks) // gs, j1)
     return row, row_ok, jj0, jj1, shared
 
 
