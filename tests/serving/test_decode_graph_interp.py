@@ -119,13 +119,50 @@ def case_capture_then_two_replays():
     return results
 
 
+def case_fp8_cache_without_scales():
+    """An fp8 (e4m3) KV cache whose layer carries no scales (SGLang's default, None: K/V stored as plain casts),
+    through an eager decode batch: the plugin must treat them as 1.0, not stop (a served fp8 run on an H100 did,
+    round 12)."""
+    import torch
+
+    from m3serve.plugin import sparse_attention as sa
+    from msa_kernels import ops, reference
+    from msa_kernels.triton._attn_cases import rel_error
+
+    ops._use_triton = lambda backend, *tensors: True
+    sa.graphs_possible = lambda tensor: False
+    backend, static, decode, layer, shapes = _setup(2)
+    pool = backend.kv_pool
+    pool.k, pool.v = pool.k.to(torch.float8_e4m3fn), pool.v.to(torch.float8_e4m3fn)
+    perm = torch.randperm(POOL_PAGES).tolist()
+    _fill_rows(backend, {1: perm[:20], 3: perm[20:23]})
+    seqs = [20 * 128 - 7, 2 * 128 + 5]
+    fb = SimpleNamespace(forward_mode=decode, seq_lens=torch.tensor(seqs), seq_lens_cpu=torch.tensor(seqs),
+                         req_pool_indices=torch.tensor([1, 3]), out_cache_loc=None)
+    q = torch.randn(2, shapes["heads_q"], shapes["dim"]).half()
+    idx_q = torch.randn(2, shapes["heads_kv"], shapes["idx_dim"]).half()
+    _, o = sa._sparse_forward(backend, q, None, None, layer, fb, False, idx_q, None, "decode")
+    plan = sa.batch_plan(backend, fb, POOL_PAGES)
+    selected = reference.index_topk(plan, idx_q, pool.ik)
+    want = reference.sparse_attention_paged(plan, q, pool.k, pool.v, selected, layer.scaling, 1.0, 1.0)
+    return [{"rel_err": rel_error(o.view_as(want), want)}]
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_decode_graph_flow_interpreter(name):
     rows = run_interpreted(__file__, name, timeout=900)
-    assert len(rows) == 2 and all(r["rel_err"] < 2e-3 for r in rows)
+    want_rows = 1 if name == "fp8_cache_without_scales" else 2
+    assert len(rows) == want_rows and all(r["rel_err"] < 2e-3 for r in rows), rows
+
+
+def test_missing_cache_scales_mean_one():
+    from m3serve.plugin.sparse_attention import cache_scales
+
+    assert cache_scales(SimpleNamespace(k_scale_float=None, v_scale_float=None)) == (1.0, 1.0)
+    assert cache_scales(SimpleNamespace(k_scale_float=0.5, v_scale_float=None)) == (0.5, 1.0)
 
 
 def test_eager_batches_do_not_touch_graph_plans():

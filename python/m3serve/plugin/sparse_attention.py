@@ -172,6 +172,15 @@ def _graph_step_plan(backend, g: GraphDecode, forward_batch, layer, heads: int, 
     return g.plan
 
 
+def cache_scales(layer) -> tuple[float, float]:
+    """(k_scale, v_scale) of a layer's KV cache. SGLang leaves them None unless a checkpoint calibrates them, and
+    then stores fp8 K/V as plain casts (its pool's unit-scale path), so None means 1.0. (Index-K needs no scale
+    here: a positive factor on every score of a row does not change which blocks it selects.)"""
+    k_scale = layer.k_scale_float
+    v_scale = layer.v_scale_float
+    return (1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale))
+
+
 def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k, phase: str):
     from msa_kernels import ops
 
@@ -202,9 +211,8 @@ def _sparse_forward(backend, q, k, v, layer, forward_batch, save_kv_cache, idx_q
             "msa_kernels needs one index head per KV group"
         )
     selected = ops.index_topk(plan, idx_q[:n], idx_k_cache)
-    o = ops.sparse_attention(
-        plan, q[:n], k_cache, v_cache, selected, layer.scaling, layer.k_scale_float, layer.v_scale_float
-    )
+    k_scale, v_scale = cache_scales(layer)
+    o = ops.sparse_attention(plan, q[:n], k_cache, v_cache, selected, layer.scaling, k_scale, v_scale)
     if n < total:
         o = torch.cat([o, o.new_zeros(total - n, *o.shape[1:])], dim=0)
     marker.record(f"sparse_{phase}", f"M3 sparse {phase} ran msa_kernels.ops.index_topk + sparse_attention")
