@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels"))
+from msa_kernels.triton._topk_gpucheck import time_events  # noqa: E402
 
 PAGE, D = 128, 128
 
@@ -38,20 +41,6 @@ def _read_pages(x_ptr, pages_ptr, out_ptr, stride_s, heads, PAGE: tl.constexpr, 
         page = tl.load(pages_ptr + pid * PER + i).to(tl.int64)
         acc += tl.load(x_ptr + (page * PAGE + rows)[:, None] * stride_s + head * W + cols[None, :])
     tl.store(out_ptr + pid, tl.sum(tl.sum(acc, 1), 0))
-
-
-def _time(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -72,8 +61,8 @@ def main() -> None:
             pages = torch.randperm(pool_pages, device="cuda")[: programs * per].to(torch.int32)
             out = torch.empty(programs, dtype=torch.int32, device="cuda")
             launch = _read_pages[(programs,)]
-            us = _time(partial(launch, x, pages, out, x.stride(0), heads, PAGE=PAGE, W=D * elem // 4, PER=per,
-                               num_warps=4, num_stages=3))
+            us = time_events(partial(launch, x, pages, out, x.stride(0), heads, PAGE=PAGE, W=D * elem // 4, PER=per,
+                               num_warps=4, num_stages=3), iters=20)
             useful = programs * per * page_bytes
             row = {"dtype": "fp8" if elem == 1 else "bf16", "kv_heads": heads, "row_bytes": D * elem,
                    "row_stride_bytes": heads * D * elem, "useful_MB": useful / 1e6, "us": us,

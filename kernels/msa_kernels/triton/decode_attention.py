@@ -27,7 +27,7 @@ Measured on an H100 80GB HBM3 (Triton 3.6; CUDA graph of 16 calls, each on its o
 - fp8 K/V, 64/4 heads (round 12, CUDA graphs, profile_decode): batch 32 ~41 us on the H100 (36 us on an H200),
   batch 8 on a shared prefix 16 us, batch 1 10.4 us: 1.3x faster than bf16 at batch 32, far from its halved bytes
   bound. The time follows the units a program walks more than their bytes (bf16 and fp8 differ by 1.3x, not 2x);
-  a strided-read probe reads one head's pages as fast at 4 KV heads as at 1, so it is not the cache layout.
+  a strided-read probe reads one head's pages 1-11% slower at 4 KV heads than at 1, so it is not the cache layout.
 
 fp8 (e4m3) caches hold value / scale. K and V load as int32 words and widen to fp16 by bit operations
 (`e4m3_words_to_f16`, exact; the products then run in fp16): Triton's own widening of an 8-bit tile moves it
@@ -65,6 +65,20 @@ from ._attn_common import (
 from ._pdl import PDL_MAX_BATCH, pdl_launch_options, pdl_prologue
 
 
+@triton.jit
+def _kv_tile(ptr, slot, stride_s, head_off, valid, CHUNK: tl.constexpr, D: tl.constexpr, FP8_WORDS: tl.constexpr):
+    """One head's K or V rows [CHUNK, D] at `slot` (rows not `valid` read as 0). FP8_WORDS: `ptr` holds int32
+    words of 4 e4m3 values, widened here to fp16 x 2^-8 (e4m3_words_to_f16)."""
+    if FP8_WORDS:
+        w = tl.arange(0, D // 4)
+        words = tl.load(ptr + slot[:, None] * stride_s + head_off + w[None, :], mask=valid[:, None], other=0)
+        tile = e4m3_words_to_f16(words, CHUNK, D // 4)
+    else:
+        c = tl.arange(0, D)
+        tile = tl.load(ptr + slot[:, None] * stride_s + head_off + c[None, :], mask=valid[:, None], other=0.0)
+    return tile
+
+
 @triton.jit(do_not_specialize=["stride_pb"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, sel_ptr, page_ptr, seq_ptr, out_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
@@ -85,7 +99,6 @@ def _decode_kernel(
     rows = tl.arange(0, GPAD)
     cols = tl.arange(0, D)
     n = tl.arange(0, CHUNK)
-    wcols = tl.arange(0, D // 4)
     q = tl.load(
         q_ptr + b * stride_qt + (kvh * G + rows)[:, None] * stride_qh + cols[None, :],
         mask=(rows < G)[:, None],
@@ -121,26 +134,14 @@ def _decode_kernel(
         tok = sub * CHUNK + n
         valid = (blk >= 0) & (blk * BLOCK + tok < seq_len)
         slot = page * BLOCK + tok
-        if FP8_WORDS:  # int32 words of 4 e4m3 values, widened to fp16 x 2^-8 (see e4m3_words_to_f16)
-            kw = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + wcols[None, :],
-                         mask=valid[:, None], other=0)
-            k = e4m3_words_to_f16(kw, CHUNK, D // 4)
-        else:
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
+        k = _kv_tile(k_ptr, slot, stride_ks, kvh * stride_kh, valid, CHUNK, D, FP8_WORDS)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8_WORDS:
-            vw = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + wcols[None, :],
-                         mask=valid[:, None], other=0)
-            v = e4m3_words_to_f16(vw, CHUNK, D // 4)
-        else:
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + cols[None, :],
-                        mask=valid[:, None], other=0.0)
+        v = _kv_tile(v_ptr, slot, stride_vs, kvh * stride_vh, valid, CHUNK, D, FP8_WORDS)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
