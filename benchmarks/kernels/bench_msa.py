@@ -1036,6 +1036,8 @@ class Bench:
                     self._check_selection(section, case.name, "ours", lambda: o.index(p, inp), inp, ref_sel, rows=256)
                 self.record(section, case.name, "ours layer", lambda: time_eager(
                     lambda: o.attn(p, inp, o.index(p, inp)), self.device, reps=reps), **meta)
+                if self.args.fp8_extend:
+                    self._ours_fp8_extend(section, case.name, inp, p, ref_sel, meta)
         if not self.args.no_dense:
             dmeta = {**meta, "flops_dense": dense_flops(pre, t, b),
                      "lb_us": self.lb(dense_flops(pre, t, b), b * case.seq_len * KV_BYTES_PER_TOKEN)}
@@ -1123,6 +1125,23 @@ class Bench:
             s = ref.index_block_scores(inp.q_idx[sel_t], keys, inp.q_pos[sel_t])
             out[m.to(out.device), :, : s.shape[-1]] = s
         return out
+
+    def _ours_fp8_extend(self, section: str, name: str, inp: Inputs, p: Any, ref_sel: torch.Tensor | None,
+                         meta: dict) -> None:
+        """--fp8-extend: our extend/prefill on fp8 copies of the same caches (K/V value / scale, index-K fp8):
+        index, attention on the bf16 reference selection, the layer, and the attention's error against the
+        reference on the fp8 data. Same FLOPs as bf16; the bytes bound is not recomputed (extend is FLOP-bound).
+        Variants "ours fp8kv ...": "ours fp8 ..." names the decode fp8 section's rows."""
+        o, reps = self.ours, self.args.reps
+        f8 = to_fp8(inp)
+        self.record(section, name, "ours fp8kv idx", lambda: time_eager(lambda: o.index(p, f8), self.device, reps=reps),
+                    **meta)
+        if ref_sel is not None:
+            self.record(section, name, "ours fp8kv attn", lambda: time_eager(
+                lambda: o.attn(p, f8, ref_sel), self.device, reps=reps), **meta)
+            self._check_attention(section, name, "ours fp8kv", lambda: o.attn(p, f8, ref_sel), f8, ref_sel, rows=64)
+        self.record(section, name, "ours fp8kv layer", lambda: time_eager(
+            lambda: o.attn(p, f8, o.index(p, f8)), self.device, reps=reps), **meta)
 
     def _check_attention(self, section: str, case: str, variant: str, fn: Callable[[], torch.Tensor], inp: Inputs,
                          sel: torch.Tensor, rows: int | None) -> None:
@@ -1344,6 +1363,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             graph_plan += update / SPARSE_LAYERS  # one plan update per decode step, shared by the sparse layers
             line["ours_graph_plan_us"] = graph_plan
             line["graph_plan_speedup_vs_upstream"] = (up / graph_plan) if up else None
+        if us("ours fp8kv layer"):
+            line["ours_fp8kv_us"] = us("ours fp8kv layer")
+            line["ours_fp8kv_attn_us"] = us("ours fp8kv attn")
+            line["fp8kv_speedup_vs_ours"] = (ours / line["ours_fp8kv_us"]) if ours else None
         if "ours bf16 layer" in v:
             line["ours_bf16_us"] = us("ours bf16 layer")
             if line["ours_bf16_us"] and ours:
@@ -1418,6 +1441,16 @@ def markdown(data: dict) -> str:
                          f"{_fmt(x.get('fp8_speedup_vs_ours_bf16'), '.2f')} | {_fmt(ups.get((c, 'upstream bf16 layer')))} | "
                          f"{_fmt(ups.get((c, 'upstream fp8 layer')))} | {_fmt(agree.get((c, 'ours')), '.3f')} / "
                          f"{_fmt(agree.get((c, 'reference')), '.3f')} |")
+    fp8kv = [x for x in summary if x.get("ours_fp8kv_us") is not None]
+    if fp8kv:
+        lines += ["", "## Extend / prefill on fp8 caches (--fp8-extend: K/V and index-K in e4m3, same data)", "",
+                  "| case | ours bf16 layer µs | ours fp8 layer µs | fp8 / bf16 speed | ours bf16 attn µs | "
+                  "ours fp8 attn µs |", "|---|---|---|---|---|---|"]
+        attn = {(r["case"], r["variant"]): r["us"] for r in data["rows"] if r.get("ok") and r.get("us")}
+        for x in fp8kv:
+            lines.append(f"| {x['case']} | {_fmt(x['ours_us'])} | {_fmt(x['ours_fp8kv_us'])} | "
+                         f"{_fmt(x.get('fp8kv_speedup_vs_ours'), '.2f')} | {_fmt(attn.get((x['case'], 'ours attn')))} | "
+                         f"{_fmt(x.get('ours_fp8kv_attn_us'))} |")
     lines += ["", "## Every variant", "",
               "| section | case | variant | µs | timing | sets | % of roofline | TFLOP/s (useful) | note |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -1506,6 +1539,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke test of the harness itself")
     ap.add_argument("--max-context", type=int, default=0, help="skip decode contexts above this")
     ap.add_argument("--fp8-grid", action="store_true", help="fp8 at every batch and context of the decode grid")
+    ap.add_argument("--fp8-extend", action="store_true", help="extend/prefill cases also on fp8 copies of the caches")
     ap.add_argument("--reps", type=int, default=5, help="eager repetitions (median) for extend/prefill")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--baseline", default=str(ROOT / ".baseline"), help="folder prepared by prepare_gpu_bundle.sh")

@@ -35,6 +35,11 @@ CASES = {
     # the gathered (pointer) loads that TMA replaces on whole pages, kept for caches TMA cannot address
     "mixed_lengths_gather_loads": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, None, "random", 30, None, False),
     "fp8_cache_gather_loads": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, False),
+    # fp8 caches run on 16-bit copies of the batch's pages (triton.widen); these keep the kernels' own fp8 paths:
+    # widening off (MSA_FP8_WIDEN=0), and a batch over the widening cap (MSA_FP8_WIDEN_MAX_MB=0)
+    "fp8_cache_no_widen": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, None, True),
+    "fp8_cache_kv_major_no_widen": ([2000, 700], [10, 30], 16, 1, 64, "fp8", "random", 24, "kv_major", True),
+    "fp8_cache_over_widen_cap": ([2100, 129, 300], [20, 129, 17], 16, 1, 64, "fp8", "random", 30, None, True),
     # queries scaled by Q_GAIN: row maxima jump by several powers of two between blocks, so the O tile must be
     # rescaled mid-walk (a walk that rescaled only when a row max moved by more than 2^8 passed every other case)
     "wide_score_range": ([2100, 300], [20, 17], 16, 1, 64, None, "random", 30, None, True),
@@ -55,6 +60,10 @@ def _run_case(name: str) -> float:
     out = torch.full_like(c.q, float("nan"))
     if name == "tiles_of_64_rows":
         os.environ["MSA_EXTEND_TILE_ROWS"] = "64"
+    if name.endswith("_no_widen"):
+        os.environ["MSA_FP8_WIDEN"] = "0"
+    if name.endswith("_over_widen_cap"):
+        os.environ["MSA_FP8_WIDEN_MAX_MB"] = "0"
     from msa_kernels.triton import _attn_kvmajor
 
     chunk_tokens = _attn_kvmajor._CHUNK_TOKENS
@@ -64,7 +73,8 @@ def _run_case(name: str) -> float:
         extend_attention.sparse_attention(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale,
                                           c.v_scale, out=out, union_max=union_max, wide_pass=wide_pass, tma=tma)
     finally:  # the next case runs in this process with the defaults
-        os.environ.pop("MSA_EXTEND_TILE_ROWS", None)
+        for var in ("MSA_EXTEND_TILE_ROWS", "MSA_FP8_WIDEN", "MSA_FP8_WIDEN_MAX_MB"):
+            os.environ.pop(var, None)
         _attn_kvmajor._CHUNK_TOKENS = chunk_tokens
     ref = sparse_attention_paged(c.plan, c.q, c.k_cache, c.v_cache, c.selected, None, c.k_scale, c.v_scale)
     return rel_error(out, ref)
@@ -154,9 +164,9 @@ def test_tma_descriptors_only_for_addressable_caches(monkeypatch: pytest.MonkeyP
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads", [(64, 4), (16, 1), (8, 1)])
-@pytest.mark.parametrize("cache", [None, "fp8"])
+@pytest.mark.parametrize("cache", [None, "fp8", "fp8_no_widen"])
 @pytest.mark.parametrize("style", ["random", "recent"])
-def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, style: str) -> None:
+def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, style: str, monkeypatch) -> None:
     from msa_kernels.triton import extend_attention
     from msa_kernels.triton._attn_cases import build_case, rel_error
     from msa_kernels.triton._attn_gpucheck import gathered_reference
@@ -165,6 +175,8 @@ def test_extend_full_shapes_on_gpu(heads: tuple[int, int], cache: str | None, st
     c = build_case([61952, 1000, 300], [2048, 1000, 17], hq, hkv, dtype=torch.bfloat16,
                    cache_dtype=torch.float8_e4m3fn if cache else None, style=style, device="cuda")
     ref = gathered_reference(c)
+    if cache == "fp8_no_widen":  # the kernels' own fp8 paths (batches over the widening cap take them)
+        monkeypatch.setenv("MSA_FP8_WIDEN", "0")
     settings = [(None, None, True), (None, None, False), (-1, "query", True), (-1, "kv_major", True),
                 (10**9, None, True)]
     for union_max, wide_pass, tma in settings:

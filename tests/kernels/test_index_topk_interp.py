@@ -115,12 +115,21 @@ def case_extend_one_head_exact_16_blocks():
 
 
 def case_fp8_index_k():
+    import os
+
     import torch
 
     res = _both_paths([3100, 260], [1, 1], heads=4, k_dtype=torch.float8_e4m3fn)
-    res += _both_paths([2300], [45], heads=2, k_dtype=torch.float8_e4m3fn)
-    # bf16 queries on fp8 keys: the products run in fp16 (fp8_in_f16), exact for both operands
+    # extend batches score 16-bit copies of their pages (triton.widen) unless MSA_FP8_WIDEN=0
+    for widen in ("1", "0"):
+        os.environ["MSA_FP8_WIDEN"] = widen
+        res += _both_paths([2300], [45], heads=2, k_dtype=torch.float8_e4m3fn)
+        res += _both_paths([2600, 200], [1, 30], heads=4, k_dtype=torch.float8_e4m3fn)
+    # bf16 queries on fp8 keys, unwidened: the products run in fp16 (fp8_in_f16), exact for both operands. (Widened,
+    # bf16 queries score bf16 copies: the interpreter's bf16 dot is not trustworthy, so that path is checked on the
+    # GPU, test_index_topk_gpu.)
     res += _both_paths([2600, 200], [1, 30], heads=4, q_dtype=torch.bfloat16, k_dtype=torch.float8_e4m3fn)
+    os.environ.pop("MSA_FP8_WIDEN")
     return res
 
 

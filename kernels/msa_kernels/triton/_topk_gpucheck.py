@@ -84,6 +84,8 @@ SELECTION_CASES = {
     "extend mixed short/long H1": ([300, 22048, 2100, 5000], [300, 2048, 40, 1], 1, 0, BF16),
     "prefill 8k H4": ([8192], [8192], 4, 0, BF16),
     "extend 2048+20k fp8 H4": ([22528], [2048], 4, 0, FP8),
+    # requests on one 100-block prefix and a short one: the widened copy numbers shared pages once (triton.widen)
+    "extend shared prefix fp8 H4": ([22528, 22600, 300], [512, 40, 300], 4, 100, FP8),
 }
 
 

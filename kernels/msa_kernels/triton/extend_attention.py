@@ -75,6 +75,7 @@ import triton.language as tl
 
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
+from . import widen
 from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, kv_descriptors, next_pow2, score_scale
 from ._attn_kvmajor import kv_major_pass
 
@@ -331,6 +332,11 @@ def sparse_attention(
         raise MSAInputError(f"wide_pass must be 'query' or 'kv_major', got {wide_pass!r}")
     qk_scale = score_scale(scale, dim, k_scale, is_fp8(k_cache))
     v_mult = float(v_scale) if is_fp8(k_cache) else 1.0
+    if widen.wanted(plan, k_cache):  # fp8 K/V: attend over 16-bit copies of the batch's pages (scales kept above)
+        compact, pages = widen.compact_plan(plan)
+        if widen.fits(pages, k_cache, 2):
+            plan = compact
+            k_cache, v_cache = widen.widen_pages(k_cache, pages, q.dtype), widen.widen_pages(v_cache, pages, q.dtype)
     wide, tile_of = _launch(plan, q, k_cache, v_cache, selected, out, qk_scale, v_mult, qg, union_max, None, tma)
     if union_max < qg * topk:  # some tile may be too wide for the union walk
         if wide_pass == "kv_major":

@@ -20,6 +20,7 @@ import torch
 
 from ..layout import BLOCK_SIZE, MSAInputError, check_cache
 from ..plan import MSAPlan
+from . import widen
 from ._topk_kernels import launch_merge, launch_score
 from ._topk_worklist import TopkWork, build_graph_decode_work, build_topk_work
 
@@ -135,6 +136,10 @@ def index_topk(
     `out`, when given, is written in place (a static buffer inside CUDA graphs). `tma` loads index-K pages
     with TMA (default: env MSA_TMA, on; see `_attn_common.tma_descriptor`)."""
     _check(plan, q_idx, index_k_cache)
+    if widen.wanted(plan, index_k_cache):  # extend/prefill on fp8 index-K: score 16-bit copies of its pages
+        compact, pages = widen.compact_plan(plan)
+        if widen.fits(pages, index_k_cache, 1):
+            plan, index_k_cache = compact, widen.widen_pages(index_k_cache, pages, q_idx.dtype)
     heads = q_idx.shape[1]
     work = prepare_index_topk(plan, heads, index_k_cache.shape[0] // BLOCK_SIZE, q_idx.device)
     shape = (q_idx.shape[0], heads, plan.topk)
