@@ -64,3 +64,16 @@ def test_widening_is_for_extend_on_fp8_only(decode: bool, monkeypatch) -> None:
     assert not widen.fits(torch.arange(4), f8, 2)
     monkeypatch.delenv("MSA_FP8_WIDEN_MAX_MB")
     assert widen.fits(torch.arange(4), f8, 2)
+
+
+def test_both_gathers_give_the_same_pages() -> None:
+    """Whole pages as int64 rows (contiguous caches) and slot by slot (others) must agree."""
+    from msa_kernels.triton import widen
+
+    cache = (torch.randn(6 * 128, 4, 64) * 40).to(torch.float8_e4m3fn)
+    pages = torch.tensor([5, 1, 3])
+    strided = torch.empty(6 * 128, 5, 64, dtype=torch.float8_e4m3fn)[:, :4]
+    strided.copy_(cache)
+    assert not strided.is_contiguous()
+    assert torch.equal(widen.widen_pages(strided, pages, torch.float16).float(),
+                       widen.widen_pages(cache, pages, torch.float16).float())
