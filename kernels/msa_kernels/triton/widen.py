@@ -8,11 +8,14 @@ new tokens on a 60k shared prefix: 10.7 ms against 4.7). The pages themselves ar
 shared 60k prefix touches ~500 pages: 60 MiB of fp8 K/V and 8 MiB of index-K), so one gather-and-widen pass per
 layer costs little: with it the fp8 layer is 0.54-1.00x of bf16 (B=8 shared prefix 7.0 ms on high-overlap
 selections, 11.8 against 11.5 on random ones; prefill 64k random 39.7 against 39.8), the widening ~0.15-0.3 ms of
-it. The rest of the gap on high-overlap inputs is their index-K ramp, which e4m3 rounds into ties (data, not path). e4m3 values are exact in bf16 and fp16, so the results match the fp8 kernels up to summation
-order; the caches' scales move into the kernels' multipliers as before.
+it. The rest of the gap on high-overlap inputs is their index-K ramp, which e4m3 rounds into ties (data, not
+path). e4m3 values are exact in bf16 and fp16, so the results match the fp8 kernels up to summation order; the
+caches' scales move into the kernels' multipliers as before.
 
 Decode keeps its fp8 kernels (bytes-bound: widening would double its traffic). A batch whose widened K/V would
-exceed MAX_WIDEN_BYTES (MSA_FP8_WIDEN_MAX_MB) also keeps them, and MSA_FP8_WIDEN=0 turns widening off (A/B).
+exceed MAX_WIDEN_BYTES (MSA_FP8_WIDEN_MAX_MB) also keeps them, and MSA_FP8_WIDEN=0 turns widening off (A/B). A
+mixed batch (decode rows beside an extend, as chunked prefill schedules them) widens its decode rows' pages too:
+the cap bounds that cost (~0.5 ms a layer at the full 1 GiB on an H100).
 """
 
 from __future__ import annotations
