@@ -1379,6 +1379,15 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _md_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_head(*names: str) -> list[str]:
+    """A markdown table's header line and its separator."""
+    return [_md_row(*names), "|" + "---|" * len(names)]
+
+
 def markdown(data: dict) -> str:
     """The markdown report of one run, from its JSON data (so a saved JSON can be re-rendered)."""
     env, c, args, summary = data["env"], data["ceilings"], data.get("args", {}), data["summary"]
@@ -1404,27 +1413,26 @@ def markdown(data: dict) -> str:
         lines.insert(0, f"> **{data['label']}**\n")
     lines += [f"- note: {n}" for n in data.get("notes", [])]
     lines += ["", "## Summary (layer = index scoring + top-k + attention)", "",
-              "| case | upstream µs | ours µs | ours / upstream speedup | best dense µs | LB µs | ours % roofline | "
-              "upstream % roofline | attn TFLOP/s upstream / ours |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              *_md_head("case", "upstream µs", "ours µs", "ours / upstream speedup", "best dense µs", "LB µs",
+                        "ours % roofline", "upstream % roofline", "attn TFLOP/s upstream / ours")]
     for s in summary:
-        lines.append(f"| {s['case']} | {_fmt(s['upstream_us'])} | {_fmt(s['ours_us'])} | "
-                     f"{_fmt(s['speedup_vs_upstream'], '.2f')} | {_fmt(s['dense_best_us'])} | {_fmt(s['lb_us'])} | "
-                     f"{_fmt(s['ours_frac_roofline'] and 100 * s['ours_frac_roofline'], '.0f')} | "
-                     f"{_fmt(s['upstream_frac_roofline'] and 100 * s['upstream_frac_roofline'], '.0f')} | "
-                     f"{_fmt(s.get('upstream_attn_tflops'), '.0f')} / {_fmt(s.get('ours_attn_tflops'), '.0f')} |")
+        lines.append(_md_row(
+            s["case"], _fmt(s["upstream_us"]), _fmt(s["ours_us"]), _fmt(s["speedup_vs_upstream"], ".2f"),
+            _fmt(s["dense_best_us"]), _fmt(s["lb_us"]),
+            _fmt(s["ours_frac_roofline"] and 100 * s["ours_frac_roofline"], ".0f"),
+            _fmt(s["upstream_frac_roofline"] and 100 * s["upstream_frac_roofline"], ".0f"),
+            f"{_fmt(s.get('upstream_attn_tflops'), '.0f')} / {_fmt(s.get('ours_attn_tflops'), '.0f')}"))
     served = [x for x in summary if x.get("ours_graph_plan_us") is not None]
     if served:
         lines += ["", "## Decode as served in CUDA graphs (m3serve plugin: graph plan updated on the device)", "",
                   f"The plan update runs once per decode step for all {SPARSE_LAYERS} sparse layers of M3; the "
                   f"graph-plan column is the layer plus 1/{SPARSE_LAYERS} of it.", "",
-                  "| case | upstream µs | ours (host-built plan) µs | plan update µs (per step) | ours graph-plan µs | "
-                  "graph-plan / upstream speedup |",
-                  "|---|---|---|---|---|---|"]
+                  *_md_head("case", "upstream µs", "ours (host-built plan) µs", "plan update µs (per step)",
+                            "ours graph-plan µs", "graph-plan / upstream speedup")]
         for x in served:
-            lines.append(f"| {x['case']} | {_fmt(x['upstream_us'])} | {_fmt(x['ours_us'])} | "
-                         f"{_fmt(x.get('ours_graph_plan_update_us'))} | {_fmt(x['ours_graph_plan_us'])} | "
-                         f"{_fmt(x.get('graph_plan_speedup_vs_upstream'), '.2f')} |")
+            lines.append(_md_row(x["case"], _fmt(x["upstream_us"]), _fmt(x["ours_us"]),
+                                 _fmt(x.get("ours_graph_plan_update_us")), _fmt(x["ours_graph_plan_us"]),
+                                 _fmt(x.get("graph_plan_speedup_vs_upstream"), ".2f")))
     fp8 = [x for x in summary if x.get("ours_bf16_us") is not None or "fp8" in x["case"]]
     if fp8:
         # keyed by case: a run may hold several fp8 cases (--fp8-grid)
@@ -1433,24 +1441,24 @@ def markdown(data: dict) -> str:
         ups = {(r["case"], r["variant"]): r["us"] for r in data["rows"]
                if "fp8" in r["case"] and r.get("ok") and r.get("us")}
         lines += ["", "## fp8 K/V + fp8 index-K decode", "",
-                  "| case | ours bf16 µs | ours fp8 µs | fp8 speedup over ours bf16 | upstream bf16 µs | upstream fp8 µs | "
-                  "selection agreement fp8 vs bf16 (ours / reference scorer) |", "|---|---|---|---|---|---|---|"]
+                  *_md_head("case", "ours bf16 µs", "ours fp8 µs", "fp8 speedup over ours bf16", "upstream bf16 µs",
+                            "upstream fp8 µs", "selection agreement fp8 vs bf16 (ours / reference scorer)")]
         for x in fp8:
             c = x["case"]
-            lines.append(f"| {c} | {_fmt(x.get('ours_bf16_us'))} | {_fmt(x['ours_us'])} | "
-                         f"{_fmt(x.get('fp8_speedup_vs_ours_bf16'), '.2f')} | {_fmt(ups.get((c, 'upstream bf16 layer')))} | "
-                         f"{_fmt(ups.get((c, 'upstream fp8 layer')))} | {_fmt(agree.get((c, 'ours')), '.3f')} / "
-                         f"{_fmt(agree.get((c, 'reference')), '.3f')} |")
+            lines.append(_md_row(
+                c, _fmt(x.get("ours_bf16_us")), _fmt(x["ours_us"]), _fmt(x.get("fp8_speedup_vs_ours_bf16"), ".2f"),
+                _fmt(ups.get((c, "upstream bf16 layer"))), _fmt(ups.get((c, "upstream fp8 layer"))),
+                f"{_fmt(agree.get((c, 'ours')), '.3f')} / {_fmt(agree.get((c, 'reference')), '.3f')}"))
     fp8kv = [x for x in summary if x.get("ours_fp8kv_us") is not None]
     if fp8kv:
         lines += ["", "## Extend / prefill on fp8 caches (--fp8-extend: K/V and index-K in e4m3, same data)", "",
-                  "| case | ours bf16 layer µs | ours fp8 layer µs | fp8 / bf16 speed | ours bf16 attn µs | "
-                  "ours fp8 attn µs |", "|---|---|---|---|---|---|"]
+                  *_md_head("case", "ours bf16 layer µs", "ours fp8 layer µs", "fp8 / bf16 speed",
+                            "ours bf16 attn µs", "ours fp8 attn µs")]
         attn = {(r["case"], r["variant"]): r["us"] for r in data["rows"] if r.get("ok") and r.get("us")}
         for x in fp8kv:
-            lines.append(f"| {x['case']} | {_fmt(x['ours_us'])} | {_fmt(x['ours_fp8kv_us'])} | "
-                         f"{_fmt(x.get('fp8kv_speedup_vs_ours'), '.2f')} | {_fmt(attn.get((x['case'], 'ours attn')))} | "
-                         f"{_fmt(x.get('ours_fp8kv_attn_us'))} |")
+            lines.append(_md_row(x["case"], _fmt(x["ours_us"]), _fmt(x["ours_fp8kv_us"]),
+                                 _fmt(x.get("fp8kv_speedup_vs_ours"), ".2f"), _fmt(attn.get((x["case"], "ours attn"))),
+                                 _fmt(x.get("ours_fp8kv_attn_us"))))
     lines += ["", "## Every variant", "",
               "| section | case | variant | µs | timing | sets | % of roofline | TFLOP/s (useful) | note |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -224,7 +224,7 @@ def _graph_item_rows(pt_ptr, stride_pt, q_pos_ptr, n_req, b_ref, j0, j1, chunk_b
             same = tl.sum(((pages == mine[None, :]) | (cc >= chunk_blocks)[None, :]).to(tl.int32), 1) == KS
             member = full & same
             g = tl.sum(member.to(tl.int32), 0)
-            shared = (chunk_blocks <= KS) & mine_full & (g > 1)
+            shared = mine_full & (g > 1)
             rank = tl.sum((member & (bb < b_ref)).to(tl.int32), 0)
             sg0 = (rank // PER) * PER  # first rank of this member's sub-group
             gs = tl.maximum(tl.minimum(PER, g - sg0), 1)  # >= 1 also where unshared (where() evaluates both)
