@@ -7,6 +7,7 @@ paths (rotary embedding, fused ops' forward_native, the native MoE), while its i
 
 from __future__ import annotations
 
+import torch
 from sglang.srt.platforms.cpu import CpuDeviceMixin
 from sglang.srt.platforms.device_mixin import PlatformEnum
 from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
@@ -30,3 +31,11 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
 
     def get_torch_distributed_backend_str(self) -> str:
         return "gloo"
+
+    # SGLang's /start_profile asks the platform for its profiler activity; the mixin's default raises, which
+    # took the whole worker down with it.
+    def get_torch_profiler_activity_str(self) -> str:
+        return "CPU"
+
+    def get_torch_profiler_activity(self) -> torch.profiler.ProfilerActivity:
+        return torch.profiler.ProfilerActivity.CPU

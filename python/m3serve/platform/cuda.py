@@ -34,3 +34,11 @@ class PortableCudaPlatform(CudaDeviceMixin, SRTPlatform):
 
     def get_torch_distributed_backend_str(self) -> str:
         return "nccl"
+
+    # SGLang's /start_profile asks the platform for its profiler activity; the mixin's default raises, which
+    # took the whole worker down with it.
+    def get_torch_profiler_activity_str(self) -> str:
+        return "CUDA"
+
+    def get_torch_profiler_activity(self) -> torch.profiler.ProfilerActivity:
+        return torch.profiler.ProfilerActivity.CUDA

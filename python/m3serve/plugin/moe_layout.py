@@ -104,7 +104,19 @@ def moe_grouped_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cf
                                   cfg.gemm1_alpha, cfg.gemm1_clamp_limit)
 
 
+# A profiler range around every MoE call, so a trace attributes the experts' kernels (the loop path's cuBLAS
+# GEMMs look like every other GEMM by name): benchmarks/agentic/gpu/trace_split.py reads it.
+PROFILE_RANGE = "m3serve.moe"
+
+
 def fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
+    if not torch.autograd._profiler_enabled():  # the serving path: no range, no cost
+        return _fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    with torch.profiler.record_function(PROFILE_RANGE):
+        return _fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs)
+
+
+def _fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, **kwargs):
     if args or kwargs or not needs_halves_fix(moe_runner_config):
         return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
     if use_grouped(layer, x, moe_runner_config):
