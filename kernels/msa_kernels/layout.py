@@ -38,18 +38,18 @@ def check_cache(name: str, cache: torch.Tensor, heads: int | None = None, dim: i
         raise MSAInputError(f"{name} has head dim {cache.shape[2]}, expected {dim}")
 
 
-def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int) -> None:
-    """Every request's pages must exist in the pool and cover its whole sequence."""
+def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor | list[int], num_pages: int,
+                     check_pages: bool = True) -> None:
+    """Every request's pages must exist in the pool and cover its whole sequence. The page ids themselves
+    are read back to the host (a stream sync on a GPU) only with `check_pages`; shapes and lengths always."""
     if page_table.dim() != 2:
         raise MSAInputError(f"page_table must be [batch, max_pages], got shape {tuple(page_table.shape)}")
-    if seq_lens.dim() != 1 or seq_lens.shape[0] != page_table.shape[0]:
-        raise MSAInputError(
-            f"seq_lens must be [batch={page_table.shape[0]}], got shape {tuple(seq_lens.shape)}"
-        )
-    if (seq_lens < 0).any():
-        raise MSAInputError(f"seq_lens must be >= 0, got {seq_lens.tolist()}")
-    lens = seq_lens.tolist()
-    pt = page_table.cpu()
+    lens = [int(x) for x in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
+    if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() != 1 or len(lens) != page_table.shape[0]:
+        shape = tuple(seq_lens.shape) if isinstance(seq_lens, torch.Tensor) else (len(lens),)
+        raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got shape {shape}")
+    if any(n < 0 for n in lens):
+        raise MSAInputError(f"seq_lens must be >= 0, got {lens}")
     for b, length in enumerate(lens):
         need = num_blocks(length)
         if need > page_table.shape[1]:
@@ -57,7 +57,11 @@ def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor, num_pages
                 f"page table of request {b} has {page_table.shape[1]} pages but its sequence of "
                 f"{length} tokens needs {need}"
             )
-        used = pt[b, :need].long()  # int64: an int32 compare with a huge num_pages would wrap
+    if not check_pages:
+        return
+    pt = page_table.cpu()
+    for b, length in enumerate(lens):
+        used = pt[b, :num_blocks(length)].long()  # int64: an int32 compare with a huge num_pages would wrap
         bad = (used < 0) | (used >= num_pages)
         if bad.any():
             j = int(bad.nonzero()[0, 0])

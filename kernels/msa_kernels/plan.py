@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .layout import TOPK_BLOCKS, MSAInputError, check_page_table
+from .transfer import to_device
 
 
 @dataclass
@@ -28,6 +29,10 @@ class MSAPlan:
     q_lens_list: list[int]
     topk: int = TOPK_BLOCKS
     extras: dict[str, Any] = field(default_factory=dict)
+    # Page ids are proved to lie in a pool of this many pages (plan(num_pages=...)); None: not checked here.
+    pages_checked_for: int | None = None
+    # The caller vouches for the page table (plan(check_pages=False)): nothing reads it back to the host.
+    pages_trusted: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -45,10 +50,31 @@ class MSAPlan:
     def max_seq_len(self) -> int:
         return max(self.seq_lens_list, default=0)
 
+    @property
+    def qo_indptr_list(self) -> list[int]:
+        """qo_indptr on the host (from q_lens_list: reading the device tensor would sync the stream)."""
+        ptr = [0]
+        for n in self.q_lens_list:
+            ptr.append(ptr[-1] + n)
+        return ptr
+
     def token_ranges(self) -> list[tuple[int, int]]:
         """[lo, hi) of each request's queries in the token axis."""
-        ptr = self.qo_indptr.tolist()
+        ptr = self.qo_indptr_list
         return [(ptr[b], ptr[b + 1]) for b in range(self.batch_size)]
+
+    def pages_need_check(self, num_pages: int) -> bool:
+        """Whether a kernel reading this plan's pages in a pool of `num_pages` must check them itself."""
+        return not self.pages_trusted and (self.pages_checked_for is None or self.pages_checked_for > num_pages)
+
+
+def _host_ints(values: torch.Tensor | list[int], name: str) -> list[int]:
+    """A length list on the host; a device tensor is read back (a stream sync: pass lists where speed matters)."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise MSAInputError(f"{name} must be one length per request, got shape {tuple(values.shape)}")
+        return [int(v) for v in values.tolist()]
+    return [int(v) for v in values]
 
 
 def plan(
@@ -58,33 +84,42 @@ def plan(
     *,
     num_pages: int | None = None,
     topk: int = TOPK_BLOCKS,
+    check_pages: bool = True,
 ) -> MSAPlan:
     """Build the plan of one forward batch. `q_lens` defaults to 1 per request (decode).
 
-    `num_pages`, when given, checks that every page id the batch touches exists in the pool.
+    `num_pages`, when given, checks that every page id the batch touches exists in the pool. That reads the
+    page table back to the host (a stream sync on a GPU); `check_pages=False` skips it for callers whose
+    page tables come from their own allocator (the SGLang plugin), and then nothing in building or running
+    the plan syncs when the lengths are host lists or CPU tensors.
     """
     device = page_table.device
-    seq = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
-    ql = torch.ones_like(seq) if q_lens is None else torch.as_tensor(q_lens, dtype=torch.int32, device=device)
-    if ql.shape != seq.shape:
-        raise MSAInputError(f"q_lens {tuple(ql.shape)} and seq_lens {tuple(seq.shape)} must match")
-    seq_list, q_list = seq.tolist(), ql.tolist()
+    seq_list = _host_ints(seq_lens, "seq_lens")
+    q_list = [1] * len(seq_list) if q_lens is None else _host_ints(q_lens, "q_lens")
+    if len(q_list) != len(seq_list):
+        raise MSAInputError(f"q_lens ({len(q_list)} requests) and seq_lens ({len(seq_list)}) must match")
+    if any(s < 0 for s in seq_list):
+        raise MSAInputError(f"seq_lens must be >= 0, got {seq_list}")
     for b, (s, n) in enumerate(zip(seq_list, q_list)):
         if n < 0 or n > s:
             raise MSAInputError(f"request {b}: {n} new tokens cannot exceed its sequence of {s} tokens")
-    check_page_table(page_table, seq, num_pages if num_pages is not None else 1 << 62)
+    check_page_table(page_table, seq_list, num_pages if num_pages is not None else 1 << 62, check_pages)
+    seq = torch.tensor(seq_list, dtype=torch.int32)
+    ql = torch.tensor(q_list, dtype=torch.int32)
     indptr = torch.zeros(len(q_list) + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(torch.tensor(q_list, dtype=torch.int32), 0)
+    indptr[1:] = torch.cumsum(ql, 0)
     pos = [torch.arange(s - n, s, dtype=torch.int32) for s, n in zip(seq_list, q_list)]
     req = [torch.full((n,), b, dtype=torch.int32) for b, n in enumerate(q_list)]
     return MSAPlan(
         page_table=page_table.to(torch.int32),
-        seq_lens=seq,
-        q_lens=ql,
-        qo_indptr=indptr.to(device),
-        q_pos=(torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int32)).to(device),
-        q_req=(torch.cat(req) if req else torch.zeros(0, dtype=torch.int32)).to(device),
+        seq_lens=to_device(seq, device),
+        q_lens=to_device(ql, device),
+        qo_indptr=to_device(indptr, device),
+        q_pos=to_device(torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int32), device),
+        q_req=to_device(torch.cat(req) if req else torch.zeros(0, dtype=torch.int32), device),
         seq_lens_list=seq_list,
         q_lens_list=q_list,
         topk=topk,
+        pages_checked_for=num_pages if check_pages and num_pages is not None else None,
+        pages_trusted=not check_pages,
     )

@@ -29,6 +29,7 @@ import torch
 
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
+from ..transfer import to_device
 
 # Rows (tokens x index heads) of one extend item. Round 7, H100, scoring kernel per layer (extend 2,048 on 60k /
 # 8 x 2,048 on a shared 60k / prefill 64k): 128 rows (8 warps) 220 / 2,149 / 4,536 us, 64 rows (4 warps, 3
@@ -62,7 +63,7 @@ def _pow2(n: int) -> int:
 def _row_tiles(plan: MSAPlan, heads: int, tokens_per_tile: int):
     """Consecutive-token tiles of every request: (request, first flat row, row count, history blocks)."""
     req, row0, nrow, hist = [], [], [], []
-    indptr = plan.qo_indptr.tolist()
+    indptr = plan.qo_indptr_list
     for b, (seq, n) in enumerate(zip(plan.seq_lens_list, plan.q_lens_list)):
         for t0 in range(0, n, tokens_per_tile):
             t1 = min(n, t0 + tokens_per_tile)
@@ -160,7 +161,10 @@ def build_topk_work(
     tokens_per_tile = 1 if decode else max(1, extend_rows // heads)
     req, row0, nrow, hist = _row_tiles(plan, heads, tokens_per_tile)
     max_hist = int(hist.max()) if len(hist) else 0
-    pt_cpu = plan.page_table.cpu()
+    # The page ids on the host (a stream sync): decode packs shared pages by them; extend needs them only to
+    # check pages the plan did not (plan(check_pages=False) callers vouch for theirs).
+    check = plan.pages_need_check(num_pages)
+    pt_cpu = plan.page_table.cpu() if decode or check else None
 
     live = hist > 0
     if like is not None:
@@ -180,7 +184,8 @@ def build_topk_work(
         req, row0, nrow, hist = req[live], row0[live], nrow[live], hist[live]
     # In a final run every tile gets an item (possibly empty: j0 = j1 = 0) because the item writes the output.
     items_req, j0, j1, irow0, inrow, chunk = _split_chunks(req, row0, nrow, hist, chunk_blocks, final)
-    _check_pages(pt_cpu, items_req, j0, j1, num_pages)
+    if check:
+        _check_pages(pt_cpu, items_req, j0, j1, num_pages)
 
     total_rows = plan.num_tokens * heads
     capacity_items, capacity_rows = len(items_req), int(inrow.sum())  # before any packing: worst case
@@ -208,9 +213,9 @@ def build_topk_work(
         item_buf[:n_items], row_buf[: rows.numel()] = items, rows
         items, rows = item_buf, row_buf
     work_list = TopkWork(
-        items=items.contiguous().to(device),
-        rows=rows.to(device) if len(rows) else torch.zeros(1, dtype=torch.int32, device=device),
-        n_items=torch.tensor([n_items], dtype=torch.int32, device=device),
+        items=to_device(items.contiguous(), device),
+        rows=to_device(rows, device) if len(rows) else torch.zeros(1, dtype=torch.int32, device=device),
+        n_items=to_device(torch.tensor([n_items], dtype=torch.int32), device),
         n_items_host=n_items,
         block_m=block_m,
         chunk_blocks=chunk_blocks,

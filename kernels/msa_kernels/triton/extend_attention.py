@@ -75,6 +75,7 @@ import triton.language as tl
 
 from ..layout import BLOCK_SIZE, MSAInputError
 from ..plan import MSAPlan
+from ..transfer import to_device
 from . import widen
 from ._attn_common import NEG_BIG, check_attention_inputs, is_fp8, kv_descriptors, next_pow2, score_scale
 from ._attn_kvmajor import kv_major_pass
@@ -284,7 +285,7 @@ def _tiles(plan: MSAPlan, qg: int, device: torch.device):
         lo = (torch.arange(len(req)) - first_tile[req]) * qg  # the tile's first query within its request
         qn = (q_lens[req] - lo).clamp(max=qg)
         tile_of = torch.repeat_interleave(torch.arange(len(req)), qn)
-        got = tuple(a.to(torch.int32).to(device) for a in (req, starts[req] + lo, qn, tile_of))
+        got = tuple(to_device(a.to(torch.int32), device) for a in (req, starts[req] + lo, qn, tile_of))
         plan.extras[key] = got
     return got
 

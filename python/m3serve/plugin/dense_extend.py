@@ -45,12 +45,14 @@ VarlenAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int],
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
                  scale: float) -> torch.Tensor:
     """FA2 variable-length causal attention (bottom-right aligned); q [Tq, Hq, D], k/v [Tk, Hkv, D]."""
+    from msa_kernels.transfer import to_device  # offsets go up without a stream sync
+
     dev = q.device
     lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
     lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
     out = torch.ops.aten._flash_attention_forward(
         q, k, v,
-        torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev),
+        to_device(torch.tensor(cu_q, dtype=torch.int32), dev), to_device(torch.tensor(cu_k, dtype=torch.int32), dev),
         max(lens_q), max(lens_k), 0.0, True, False, scale=scale,
     )
     return out[0]
@@ -159,6 +161,18 @@ def _unserved(args: dict, kwargs: dict) -> str | None:
     return next((why for bad, why in checks if bad), None)
 
 
+def _kv_indptr_host(backend, kv_indptr: torch.Tensor) -> list[int]:
+    """kv_indptr on the host, read once per forward batch: every dense layer of a batch gets the same tensor,
+    and each read is a stream sync (M3 has three dense layers). The cache holds the tensor itself, so its
+    identity cannot be reused by a later batch while cached."""
+    cached = getattr(backend, "_m3serve_kv_indptr_host", None)
+    if cached is not None and cached[0] is kv_indptr:
+        return cached[1]
+    host = [int(x) for x in kv_indptr.tolist()]
+    backend._m3serve_kv_indptr_host = (kv_indptr, host)
+    return host
+
+
 def flash_extend(original, backend, layer, *args, **kwargs):
     """AROUND hook on TritonAttnBackend._forward_extend_kernel: FA2 for the calls it serves, else SGLang."""
     if len(args) != len(_ARGS) or getattr(backend, "dllm_attention", None) is not None:
@@ -175,7 +189,7 @@ def flash_extend(original, backend, layer, *args, **kwargs):
             qo_host.append(qo_host[-1] + int(n))
     else:
         qo_host = [int(x) for x in named["qo_indptr"].tolist()]
-    kv_host = [int(x) for x in named["kv_indptr"].tolist()]
+    kv_host = _kv_indptr_host(backend, named["kv_indptr"])
     paged_extend_attention(
         named["q"], named["k"], named["v"], named["k_buffer"], named["v_buffer"], qo_host, kv_host,
         named["kv_indices"], float(named["sm_scale"]), named["o"], flash_varlen, token_budget(),

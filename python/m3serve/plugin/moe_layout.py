@@ -54,7 +54,10 @@ def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg
     flat_ids = topk_ids.reshape(-1).long()
     order = flat_ids.argsort()
     token_of = order // k  # token of each (token, slot) pair, grouped by expert
-    counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()
+    # One read-back of the per-expert counts (the loop slices by them): torch.bincount on a GPU reads the ids'
+    # maximum back first, a second stream sync.
+    counts = torch.zeros(layer.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids)).tolist()
     out_pairs = x.new_empty(t * k, x.shape[-1])
     start = 0
     for expert, n in enumerate(counts):

@@ -110,7 +110,10 @@ def batch_plan(backend, forward_batch, num_pages: int):
         q_lens = [int(n) for n in forward_batch.extend_seq_lens.tolist()]
     n_pages = -(-max(seq_lens, default=0) // msa.BLOCK_SIZE)
     page_table = msa.pages_from_slots(backend.req_to_token, forward_batch.req_pool_indices, n_pages)
-    plan = msa.plan(page_table, seq_lens, q_lens, num_pages=num_pages, topk=backend.topk_blocks)
+    # check_pages=False: the page ids come from SGLang's own allocator, and checking them would read the page
+    # table back to the host, a stream sync in the middle of the forward (msa_kernels/transfer.py says what
+    # that costs). With host lengths nothing in building or running this plan syncs.
+    plan = msa.plan(page_table, seq_lens, q_lens, num_pages=num_pages, topk=backend.topk_blocks, check_pages=False)
     setattr(backend, _PLAN_ATTR, (forward_batch, plan))
     marker.record("plan_built")
     return plan
