@@ -8,9 +8,10 @@ channels: no error, just logprobs off by up to ~2 against transformers.
 
 For configs with gemm1_alpha set and halves layout we compute the experts ourselves with the halves-layout
 activation: on CUDA with the grouped Triton kernels of moe_grouped.py (no host sync, so decode can run in
-CUDA graphs) for decode-sized batches and whenever a graph is being captured; otherwise (CPU, long extends,
-expert biases) with an expert loop of dense GEMMs. Everything else goes to SGLang's original function.
-M3SERVE_MOE=loop|grouped|auto (default auto) forces one path, for benchmarks.
+CUDA graphs) for decode-sized batches and whenever a graph is being captured; for longer eager batches
+(prefill, extend) with two torch._grouped_mm calls (no host sync either); otherwise (CPU, expert biases) with
+an expert loop of dense GEMMs. Everything else goes to SGLang's original function.
+M3SERVE_MOE=loop|grouped|grouped_mm|auto (default auto) forces one path, for benchmarks.
 """
 
 from __future__ import annotations
@@ -77,9 +78,43 @@ def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg
     return weighted.sum(dim=1).to(x.dtype)
 
 
-# Above this many tokens an eager batch (prefill, extend) takes the loop of cuBLAS GEMMs, which is faster there.
+def moe_grouped_mm_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg) -> torch.Tensor:
+    """The expert loop's math as two `torch._grouped_mm` calls over the (token, slot) pairs sorted by expert.
+
+    Why: the loop reads the per-expert counts back to the host (a stream sync per MoE layer) and launches about
+    a dozen kernels per expert. In a served extend step the host then fell behind the GPU: on an H200, 8 x 2,048
+    new tokens on m3-slice left the GPU idle ~60 ms of a 263 ms step (benchmarks/results/
+    served_step_split_h200_r13_after_syncs.md). Here the group offsets stay on the device and the layer is a
+    handful of launches. Same operands and rounding points as the loop (bf16 GEMM outputs, activation in x's
+    dtype); the GEMMs' summation order may differ."""
+    topk_weights, topk_ids, _ = topk_output
+    t, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1).long()
+    order = flat_ids.argsort(stable=True)  # pairs grouped by expert
+    counts = torch.zeros(layer.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = torch._grouped_mm(x[order // k], layer.w13_weight.transpose(1, 2), offs=offsets)
+    h = swiglu_oai_halves(h, cfg.gemm1_alpha, cfg.gemm1_clamp_limit)
+    y = torch._grouped_mm(h, layer.w2_weight.transpose(1, 2), offs=offsets)
+    out_pairs = torch.empty_like(y)
+    out_pairs[order] = y
+    weighted = out_pairs.view(t, k, -1).to(topk_weights.dtype) * topk_weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(x.dtype)
+
+
+# Above this many tokens an eager batch (prefill, extend) leaves the grouped Triton kernels (tuned for decode's
+# weight reads) for two grouped GEMMs (torch._grouped_mm), or the loop of cuBLAS GEMMs where those are missing.
 GROUPED_MAX_TOKENS = 256
 MOE_PATH_ENV = "M3SERVE_MOE"
+
+
+def use_grouped_mm(layer, x: torch.Tensor, cfg) -> bool:
+    """Whether an eager call that the grouped Triton kernels do not take goes to torch._grouped_mm."""
+    mode = os.environ.get(MOE_PATH_ENV, "auto")
+    return (mode in ("auto", "grouped_mm") and x.is_cuda and hasattr(torch, "_grouped_mm")
+            and getattr(layer, "w13_weight_bias", None) is None and getattr(layer, "w2_weight_bias", None) is None
+            and not cfg.apply_router_weight_on_input and cfg.gemm1_clamp_limit is not None)
 
 
 def use_grouped(layer, x: torch.Tensor, cfg) -> bool:
@@ -88,8 +123,8 @@ def use_grouped(layer, x: torch.Tensor, cfg) -> bool:
             or getattr(layer, "w2_weight_bias", None) is not None or cfg.apply_router_weight_on_input:
         return False
     mode = os.environ.get(MOE_PATH_ENV, "auto")
-    if mode not in ("auto", "loop", "grouped"):
-        raise ValueError(f"{MOE_PATH_ENV} must be auto, loop or grouped, got {mode!r}")
+    if mode not in ("auto", "loop", "grouped", "grouped_mm"):
+        raise ValueError(f"{MOE_PATH_ENV} must be auto, loop, grouped or grouped_mm, got {mode!r}")
     if torch.cuda.is_current_stream_capturing():
         if mode == "loop":
             raise RuntimeError(f"{MOE_PATH_ENV}=loop cannot run inside a CUDA graph: pass --disable-cuda-graph")
@@ -125,5 +160,8 @@ def _fix_moe_layout(original, layer, x, topk_output, moe_runner_config, *args, *
     if use_grouped(layer, x, moe_runner_config):
         marker.record("moe_grouped", "M3 MoE: grouped Triton kernels (SwiGLU-OAI over halves, graph-safe)")
         return moe_grouped_forward(layer, x, topk_output, moe_runner_config)
+    if use_grouped_mm(layer, x, moe_runner_config):
+        marker.record("moe_grouped_mm", "M3 MoE: two grouped GEMMs (torch._grouped_mm, no host sync)")
+        return moe_grouped_mm_forward(layer, x, topk_output, moe_runner_config)
     marker.record("moe_halves_fix", "M3 MoE: SwiGLU-OAI applied over [gate; up] halves (upstream layout fix)")
     return moe_halves_forward(layer, x, topk_output, moe_runner_config)
