@@ -3,7 +3,7 @@
 A plain `tensor.to("cuda")` from pageable host memory (what `torch.tensor(list, device=...)` does too) is a
 copy followed by a stream synchronize: the host waits until the GPU has run everything queued before it. In
 the middle of a served forward that drains the GPU's queue, and the GPU then idles while the host launches
-the next layer's kernels one by one. Measured on an H200 (benchmarks/results/served_step_split_h200_r13.md):
+the next layer's kernels one by one. Measured on an H200 (benchmarks/results/served_step_split_r13_notes.md):
 per extend step of 8 x 2,048 tokens on a 60k prefix, the plan's syncs and copies left the GPU idle for
 tens of milliseconds. A pinned staging copy and an asynchronous copy keep the host ahead: torch's pinned
 allocator keeps the staging buffer alive until the copy has run.

@@ -129,3 +129,15 @@ def test_profile_window_on_the_cpu_worker(tmp_path):
     names = {e.get("name") for e in trace_split.load_events(trace)}
     assert "m3serve.moe" in names
     assert "Served step split" in (out / "profile_split.md").read_text()
+
+
+def test_plot_of_saved_results(tmp_path):
+    """plot_step_split.py draws the round-13 results kept in benchmarks/results."""
+    import subprocess
+
+    results = REPO / "benchmarks" / "results"
+    out = tmp_path / "split.png"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "agentic" / "plot_step_split.py"), str(out),
+                    f"a={results / 'served_step_split_h200_r13_before.json'}",
+                    f"b={results / 'served_step_split_h200_r13_after_syncs.json'}"], check=True, timeout=120)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

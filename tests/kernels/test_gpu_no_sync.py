@@ -1,7 +1,7 @@
 """The served extend path never synchronizes the stream (run on the lent GPU; never in CI).
 
 A sync in the middle of a forward drains the GPU's queue, and the GPU then waits on the host for every later
-launch (benchmarks/results/served_step_split_h200_r13.md measured what that cost). torch's sync debug mode
+launch (benchmarks/results/served_step_split_r13_notes.md measured what that cost). torch's sync debug mode
 turns every synchronizing call (a read-back, a pageable host-to-device copy) into an error.
 """
 
