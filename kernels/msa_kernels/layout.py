@@ -44,10 +44,11 @@ def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor | list[int
     are read back to the host (a stream sync on a GPU) only with `check_pages`; shapes and lengths always."""
     if page_table.dim() != 2:
         raise MSAInputError(f"page_table must be [batch, max_pages], got shape {tuple(page_table.shape)}")
+    if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() != 1:
+        raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got shape {tuple(seq_lens.shape)}")
     lens = [int(x) for x in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
-    if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() != 1 or len(lens) != page_table.shape[0]:
-        shape = tuple(seq_lens.shape) if isinstance(seq_lens, torch.Tensor) else (len(lens),)
-        raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got shape {shape}")
+    if len(lens) != page_table.shape[0]:
+        raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got {len(lens)} lengths")
     if any(n < 0 for n in lens):
         raise MSAInputError(f"seq_lens must be >= 0, got {lens}")
     for b, length in enumerate(lens):
