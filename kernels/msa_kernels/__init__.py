@@ -9,6 +9,10 @@ This package knows nothing of SGLang: it takes tensors in SGLang's paged-pool la
     o = sparse_attention(p, q, k_cache, v_cache, sel)
 
 `msa_kernels.ops` dispatches each op to its Triton kernel on CUDA and to its reference elsewhere.
+
+Given lengths as host lists and `check_pages=False` (a caller that owns its page table, like the SGLang plugin),
+building and running an extend plan never synchronizes the GPU's stream (`transfer.py` says why that matters;
+tests/kernels/test_gpu_no_sync.py checks it). The default checks every page id, which reads the table back.
 """
 
 from .graph import (
