@@ -48,6 +48,9 @@ def test_grouped_mm_only_for_cuda_without_biases(monkeypatch):
     layer, x, _, cfg = _moe(4, 16, 8, 5, 2, "cpu", torch.float32, False)
     assert not use_grouped_mm(layer, x, cfg)  # CPU: the loop
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not use_grouped_mm(layer, x, cfg)  # pre-Hopper: the loop
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert use_grouped_mm(layer, x, cfg) == hasattr(torch, "_grouped_mm")
     monkeypatch.setenv("M3SERVE_MOE", "loop")
     assert not use_grouped_mm(layer, x, cfg)

@@ -110,12 +110,17 @@ MOE_PATH_ENV = "M3SERVE_MOE"
 GROUPED_MM_ENV = "M3SERVE_MOE_GROUPED_MM"
 
 
+def _hopper_or_newer(x: torch.Tensor) -> bool:
+    """torch._grouped_mm was measured and tested on Hopper (H200, round 13); older GPUs keep the loop."""
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def use_grouped_mm(layer, x: torch.Tensor, cfg) -> bool:
     """Whether an eager call that the grouped Triton kernels do not take goes to torch._grouped_mm."""
     mode = os.environ.get(MOE_PATH_ENV, "auto")
     if mode == "auto" and os.environ.get(GROUPED_MM_ENV, "1") == "0":  # A/B: extends back on the loop
         return False
-    return (mode in ("auto", "grouped_mm") and x.is_cuda and hasattr(torch, "_grouped_mm")
+    return (mode in ("auto", "grouped_mm") and x.is_cuda and hasattr(torch, "_grouped_mm") and _hopper_or_newer(x)
             and getattr(layer, "w13_weight_bias", None) is None and getattr(layer, "w2_weight_bias", None) is None
             and not cfg.apply_router_weight_on_input and cfg.gemm1_clamp_limit is not None)
 
