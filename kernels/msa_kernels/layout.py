@@ -38,19 +38,13 @@ def check_cache(name: str, cache: torch.Tensor, heads: int | None = None, dim: i
         raise MSAInputError(f"{name} has head dim {cache.shape[2]}, expected {dim}")
 
 
-def check_page_table(page_table: torch.Tensor, seq_lens: torch.Tensor | list[int], num_pages: int,
-                     check_pages: bool = True) -> None:
-    """Every request's pages must exist in the pool and cover its whole sequence. The page ids themselves
-    are read back to the host (a stream sync on a GPU) only with `check_pages`; shapes and lengths always."""
+def check_page_table(page_table: torch.Tensor, lens: list[int], num_pages: int, check_pages: bool = True) -> None:
+    """Every request's pages must exist in the pool and cover its whole sequence of `lens[b]` (>= 0) tokens.
+    The page ids themselves are read back to the host (a stream sync on a GPU) only with `check_pages`."""
     if page_table.dim() != 2:
         raise MSAInputError(f"page_table must be [batch, max_pages], got shape {tuple(page_table.shape)}")
-    if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() != 1:
-        raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got shape {tuple(seq_lens.shape)}")
-    lens = [int(x) for x in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
     if len(lens) != page_table.shape[0]:
         raise MSAInputError(f"seq_lens must be [batch={page_table.shape[0]}], got {len(lens)} lengths")
-    if any(n < 0 for n in lens):
-        raise MSAInputError(f"seq_lens must be >= 0, got {lens}")
     for b, length in enumerate(lens):
         need = num_blocks(length)
         if need > page_table.shape[1]:

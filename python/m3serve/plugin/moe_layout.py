@@ -57,8 +57,7 @@ def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg
     token_of = order // k  # token of each (token, slot) pair, grouped by expert
     # One read-back of the per-expert counts (the loop slices by them): torch.bincount on a GPU reads the ids'
     # maximum back first, a second stream sync.
-    counts = torch.zeros(layer.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-        0, flat_ids, torch.ones_like(flat_ids)).tolist()
+    counts = _expert_counts(flat_ids, layer.num_experts).tolist()
     out_pairs = x.new_empty(t * k, x.shape[-1])
     start = 0
     for expert, n in enumerate(counts):
@@ -74,8 +73,20 @@ def moe_halves_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg
             y = (y.float() + w2_bias[expert]).to(x.dtype)
         out_pairs[order[start : start + n]] = y
         start += n
+    return _combine(out_pairs, topk_weights, x.dtype)
+
+
+def _expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(token, slot) pairs per expert, on the ids' device (no read-back)."""
+    return torch.zeros(num_experts, dtype=torch.int32, device=flat_ids.device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+
+
+def _combine(out_pairs: torch.Tensor, topk_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, H] expert outputs in (token, slot) order -> [T, H]: their sum weighted by the router."""
+    t, k = topk_weights.shape
     weighted = out_pairs.view(t, k, -1).to(topk_weights.dtype) * topk_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(x.dtype)
+    return weighted.sum(dim=1).to(dtype)
 
 
 def moe_grouped_mm_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output, cfg) -> torch.Tensor:
@@ -88,19 +99,16 @@ def moe_grouped_mm_forward(layer: torch.nn.Module, x: torch.Tensor, topk_output,
     handful of launches. Same operands and rounding points as the loop (bf16 GEMM outputs, activation in x's
     dtype); the GEMMs' summation order may differ."""
     topk_weights, topk_ids, _ = topk_output
-    t, k = topk_ids.shape
+    k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1).long()
     order = flat_ids.argsort(stable=True)  # pairs grouped by expert
-    counts = torch.zeros(layer.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    offsets = torch.cumsum(_expert_counts(flat_ids, layer.num_experts), 0, dtype=torch.int32)
     h = torch._grouped_mm(x[order // k], layer.w13_weight.transpose(1, 2), offs=offsets)
     h = swiglu_oai_halves(h, cfg.gemm1_alpha, cfg.gemm1_clamp_limit)
     y = torch._grouped_mm(h, layer.w2_weight.transpose(1, 2), offs=offsets)
     out_pairs = torch.empty_like(y)
     out_pairs[order] = y
-    weighted = out_pairs.view(t, k, -1).to(topk_weights.dtype) * topk_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(x.dtype)
+    return _combine(out_pairs, topk_weights, x.dtype)
 
 
 # Above this many tokens an eager batch (prefill, extend) leaves the grouped Triton kernels (tuned for decode's
@@ -115,20 +123,24 @@ def _hopper_or_newer(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+def _grouped_paths_fit(layer, x: torch.Tensor, cfg) -> bool:
+    """What both grouped paths compute: on CUDA, no expert biases, router weights applied after the experts."""
+    return (x.is_cuda and getattr(layer, "w13_weight_bias", None) is None
+            and getattr(layer, "w2_weight_bias", None) is None and not cfg.apply_router_weight_on_input)
+
+
 def use_grouped_mm(layer, x: torch.Tensor, cfg) -> bool:
     """Whether an eager call that the grouped Triton kernels do not take goes to torch._grouped_mm."""
     mode = os.environ.get(MOE_PATH_ENV, "auto")
     if mode == "auto" and os.environ.get(GROUPED_MM_ENV, "1") == "0":  # A/B: extends back on the loop
         return False
-    return (mode in ("auto", "grouped_mm") and x.is_cuda and hasattr(torch, "_grouped_mm") and _hopper_or_newer(x)
-            and getattr(layer, "w13_weight_bias", None) is None and getattr(layer, "w2_weight_bias", None) is None
-            and not cfg.apply_router_weight_on_input and cfg.gemm1_clamp_limit is not None)
+    return (mode in ("auto", "grouped_mm") and _grouped_paths_fit(layer, x, cfg) and hasattr(torch, "_grouped_mm")
+            and _hopper_or_newer(x) and cfg.gemm1_clamp_limit is not None)
 
 
 def use_grouped(layer, x: torch.Tensor, cfg) -> bool:
     """Whether this call goes to the grouped Triton kernels (see the module docstring)."""
-    if not x.is_cuda or getattr(layer, "w13_weight_bias", None) is not None \
-            or getattr(layer, "w2_weight_bias", None) is not None or cfg.apply_router_weight_on_input:
+    if not _grouped_paths_fit(layer, x, cfg):
         return False
     mode = os.environ.get(MOE_PATH_ENV, "auto")
     if mode not in ("auto", "loop", "grouped", "grouped_mm"):
