@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-private-image-urls", action="store_true", help="allow image URLs to private addresses"
     )
+    p.add_argument(
+        "--image-cache-mb",
+        type=float,
+        default=256.0,
+        help="MiB of preprocessed images kept so a resent image is not decoded again (0 disables)",
+    )
     p.add_argument("--context-length", type=int, help="override the checkpoint's context length")
     p.add_argument("--default-max-tokens", type=int, default=8192)
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit in MiB")
@@ -127,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "api_key_file": args.api_key_file,
         "admin_key": args.admin_key,
         "allow_private_image_urls": args.allow_private_image_urls,
+        "image_cache_bytes": int(args.image_cache_mb * 1024 * 1024),
         "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
         "upstream_timeout_secs": args.upstream_timeout,
         "connect_timeout_secs": args.connect_timeout,

@@ -32,6 +32,9 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Refuse private/loopback/link-local image URLs unless set (handed to the preprocessor).
     pub allow_private_image_urls: bool,
+    /// Bytes the prepared-image cache may hold (0 disables it): a resent image costs a hash
+    /// instead of a decode, resize, patchify and encode (see `preprocess::image_cache`).
+    pub image_cache_bytes: usize,
     pub connect_timeout_secs: f64,
     /// Time allowed until the worker answers with headers (stream) or the whole body (non-stream).
     pub upstream_timeout_secs: f64,
@@ -80,6 +83,7 @@ impl Default for GatewayConfig {
             admin_key: None,
             max_body_bytes: 64 * 1024 * 1024,
             allow_private_image_urls: false,
+            image_cache_bytes: 256 * 1024 * 1024,
             connect_timeout_secs: 3.0,
             upstream_timeout_secs: 600.0,
             max_retries: 2,
@@ -217,6 +221,9 @@ mod tests {
     fn defaults_and_unknown_fields() {
         let c = GatewayConfig::from_json(r#"{"tokenizer_mode":"bytes","worker_urls":["http://127.0.0.1:1"]}"#).unwrap();
         assert_eq!(c.prefix_chunk_tokens, 128);
+        assert_eq!(c.image_cache_bytes, 256 << 20);
+        let c = GatewayConfig::from_json(r#"{"tokenizer_mode":"bytes","image_cache_bytes":0}"#).unwrap();
+        assert_eq!(c.image_cache_bytes, 0);
         assert_eq!(c.model_name(), "minimax-m3");
         let err = GatewayConfig::from_json(r#"{"tokenizer_mode":"bytes","bogus":1}"#).unwrap_err();
         assert!(err.contains("bogus"), "{err}");

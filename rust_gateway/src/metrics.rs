@@ -1,11 +1,69 @@
 //! Prometheus metrics, served at GET /metrics. All names start with `m3gw_`.
 
+use crate::preprocess::ImageCacheStats;
 use crate::workers::Worker;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 use std::sync::Arc;
+
+/// Reads the prepared-image cache's own counters at scrape time (its hot path stays two atomics).
+pub type ImageCacheSource = Box<dyn Fn() -> ImageCacheStats + Send + Sync>;
+
+/// `m3gw_image_cache_*`: hits, misses and evictions (counters), bytes, entries and the bound (gauges).
+struct ImageCacheCollector {
+    source: ImageCacheSource,
+    descs: Vec<Desc>,
+}
+
+impl ImageCacheCollector {
+    const COUNTERS: [(&'static str, &'static str); 3] = [
+        ("m3gw_image_cache_hits_total", "Images served from the prepared-image cache (no decode, resize or encode)"),
+        ("m3gw_image_cache_misses_total", "Images looked up in the prepared-image cache and not found"),
+        ("m3gw_image_cache_evictions_total", "Images evicted from the prepared-image cache to stay within its bound"),
+    ];
+    const GAUGES: [(&'static str, &'static str); 3] = [
+        ("m3gw_image_cache_bytes", "Bytes held by the prepared-image cache"),
+        ("m3gw_image_cache_entries", "Images held by the prepared-image cache"),
+        ("m3gw_image_cache_max_bytes", "Bound of the prepared-image cache in bytes (0: disabled)"),
+    ];
+
+    fn new(source: ImageCacheSource) -> Self {
+        let mut descs = Vec::new();
+        for (name, help) in Self::COUNTERS {
+            descs.extend(IntCounter::new(name, help).expect("metric").desc().into_iter().cloned());
+        }
+        for (name, help) in Self::GAUGES {
+            descs.extend(IntGauge::new(name, help).expect("metric").desc().into_iter().cloned());
+        }
+        Self { source, descs }
+    }
+}
+
+impl Collector for ImageCacheCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = (self.source)();
+        let mut out = Vec::new();
+        for ((name, help), v) in Self::COUNTERS.into_iter().zip([s.hits, s.misses, s.evictions]) {
+            let c = IntCounter::new(name, help).expect("metric");
+            c.inc_by(v);
+            out.extend(c.collect());
+        }
+        for ((name, help), v) in Self::GAUGES.into_iter().zip([s.bytes, s.entries, s.max_bytes]) {
+            let g = IntGauge::new(name, help).expect("metric");
+            g.set(v as i64);
+            out.extend(g.collect());
+        }
+        out
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -99,6 +157,11 @@ impl Metrics {
         }
     }
 
+    /// Export the prepared-image cache's counters (read from `source` at every scrape).
+    pub fn watch_image_cache(&self, source: ImageCacheSource) {
+        self.registry.register(Box::new(ImageCacheCollector::new(source))).expect("image cache metrics register once");
+    }
+
     /// Text exposition; per-worker gauges are refreshed from the pool at scrape time.
     pub fn render(&self, workers: &[Arc<Worker>]) -> String {
         for g in [
@@ -148,5 +211,30 @@ mod tests {
         assert!(text.contains(r#"m3gw_requests_total{route="chat",status="200"} 1"#), "{text}");
         assert!(text.contains(r#"m3gw_worker_in_flight{worker="http://w:1"} 1"#), "{text}");
         assert!(text.contains("m3gw_time_to_first_token_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn image_cache_counters_are_read_at_scrape_time() {
+        let m = Metrics::new();
+        let stats = Arc::new(std::sync::Mutex::new(ImageCacheStats { max_bytes: 1 << 28, ..Default::default() }));
+        let s = stats.clone();
+        m.watch_image_cache(Box::new(move || *s.lock().unwrap()));
+        let text = m.render(&[]);
+        assert!(text.contains("m3gw_image_cache_hits_total 0"), "{text}");
+        assert!(text.contains("m3gw_image_cache_max_bytes 268435456"), "{text}");
+        *stats.lock().unwrap() =
+            ImageCacheStats { hits: 3, misses: 2, evictions: 1, bytes: 4096, entries: 1, max_bytes: 1 << 28 };
+        let text = m.render(&[]);
+        for line in [
+            "# TYPE m3gw_image_cache_hits_total counter",
+            "m3gw_image_cache_hits_total 3",
+            "m3gw_image_cache_misses_total 2",
+            "m3gw_image_cache_evictions_total 1",
+            "# TYPE m3gw_image_cache_bytes gauge",
+            "m3gw_image_cache_bytes 4096",
+            "m3gw_image_cache_entries 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 }

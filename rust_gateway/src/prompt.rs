@@ -34,6 +34,10 @@ pub trait PromptBuilder: Send + Sync + 'static {
     fn chat<'a>(&'a self, body: &'a Value) -> BoxFuture<'a, Result<Prompt, ApiError>>;
     /// Tokenize a completions request's `prompt` (a string or a list of token ids).
     fn completion<'a>(&'a self, body: &'a Value) -> BoxFuture<'a, Result<Prompt, ApiError>>;
+    /// Counters of the prepared-image cache, for /metrics (zeros for builders without one).
+    fn image_cache_stats(&self) -> crate::preprocess::ImageCacheStats {
+        Default::default()
+    }
 }
 
 /// The `prompt` of /v1/completions as a single string or token-id list (batches are refused).

@@ -5,11 +5,12 @@
 use crate::config::GatewayConfig;
 use crate::error::ApiError;
 use crate::parsers::reasoning::THINK_END;
-use crate::preprocess::{PreparedPrompt, PreprocessConfig, PreprocessError, Preprocessor, IMAGE_TOKEN};
+use crate::preprocess::{
+    ImageCacheStats, PreparedPrompt, PreprocessConfig, PreprocessError, Preprocessor, IMAGE_TOKEN,
+};
 use crate::prompt::{BoxFuture, Prompt, PromptBuilder};
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
-use xxhash_rust::xxh3::xxh3_64;
 
 impl From<PreprocessError> for ApiError {
     fn from(e: PreprocessError) -> Self {
@@ -52,6 +53,7 @@ impl ModelPromptBuilder {
         let dir = cfg.model_path.as_deref().ok_or("model_path is required")?;
         let mut pc = PreprocessConfig::default();
         pc.fetch.allow_private = cfg.allow_private_image_urls;
+        pc.image_cache_bytes = cfg.image_cache_bytes;
         if cfg.context_length.is_some() {
             pc.max_prompt_tokens = cfg.context_length;
         }
@@ -86,14 +88,7 @@ impl ModelPromptBuilder {
                 starts.push(i);
             }
         }
-        starts
-            .into_iter()
-            .zip(&p.images)
-            .map(|(off, img)| {
-                let bytes: Vec<u8> = img.pixel_values.iter().step_by(7).flat_map(|x| x.to_le_bytes()).collect();
-                (off, xxh3_64(&bytes) ^ u64::from(img.grid_thw[1]) << 32 ^ u64::from(img.grid_thw[2]))
-            })
-            .collect()
+        starts.into_iter().zip(&p.images).map(|(off, img)| (off, img.pixel_hash)).collect()
     }
 }
 
@@ -104,6 +99,10 @@ impl PromptBuilder for ModelPromptBuilder {
 
     fn completion<'a>(&'a self, body: &'a Value) -> BoxFuture<'a, Result<Prompt, ApiError>> {
         Box::pin(async move { Ok(self.to_prompt(self.pre.prepare_completion(body)?)) })
+    }
+
+    fn image_cache_stats(&self) -> ImageCacheStats {
+        self.pre.image_cache().stats()
     }
 }
 

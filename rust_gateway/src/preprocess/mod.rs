@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod handoff;
+pub mod image_cache;
 pub mod images;
 pub mod pyjson;
 mod python;
@@ -34,11 +35,13 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub use error::PreprocessError;
-pub use handoff::WireDtype;
+pub use handoff::{PreparedImage, WireDtype};
+pub use image_cache::{ImageCache, ImageCacheStats};
 pub use images::{ImageConfig, ImageProcessor, ProcessedImage, ResizePolicy};
 pub use python::register;
 pub use tokenize::{CacheStats, CachedTokenizer};
 
+use image_cache::ImageSource;
 use images::fetch::{FetchConfig, Fetcher};
 use template::ChatTemplate;
 
@@ -56,6 +59,11 @@ pub struct PreprocessConfig {
     pub max_images: usize,
     /// Token budget of the tokenization segment cache (0 disables it).
     pub cache_max_tokens: usize,
+    /// Bytes the prepared-image cache may hold (0 disables it); see [`image_cache`].
+    pub image_cache_bytes: usize,
+    /// Keep each image's float32 rows in [`PreparedImage::pixel_values`] (the Python API returns
+    /// them); the server only needs the encoded hand-off, so it leaves this off.
+    pub keep_pixel_values: bool,
     /// Reject prompts longer than this (defaults to the checkpoint's `max_position_embeddings`).
     pub max_prompt_tokens: Option<usize>,
     pub fetch: FetchConfig,
@@ -69,6 +77,8 @@ impl Default for PreprocessConfig {
         Self {
             max_images: 16,
             cache_max_tokens: 4_000_000,
+            image_cache_bytes: 256 << 20,
+            keep_pixel_values: false,
             max_prompt_tokens: None,
             fetch: FetchConfig::default(),
             // SGLang's M3 vision tower only takes bf16 pixel_values (the worker would cast anyway).
@@ -83,8 +93,8 @@ impl Default for PreprocessConfig {
 pub struct PreparedPrompt {
     /// Prompt token ids, image placeholders expanded.
     pub input_ids: Vec<u32>,
-    /// Preprocessed images in prompt order.
-    pub images: Vec<ProcessedImage>,
+    /// Prepared images in prompt order (shared with the image cache).
+    pub images: Vec<Arc<PreparedImage>>,
     /// `input_ids.len()`, for usage accounting.
     pub prompt_tokens: usize,
     /// The prompt ends with `<mm:think>`: the reply starts inside the reasoning section
@@ -92,13 +102,12 @@ pub struct PreparedPrompt {
     pub reasoning_prefilled: bool,
     /// The rendered template text (before placeholder expansion); for logs and tests.
     pub text: String,
-    wire_dtype: WireDtype,
 }
 
 impl PreparedPrompt {
     /// `image_data` for the worker's `/generate`, or None without images.
     pub fn worker_image_data(&self) -> Option<Value> {
-        handoff::worker_image_data(&self.images, self.wire_dtype)
+        handoff::worker_image_data(&self.images)
     }
 }
 
@@ -108,6 +117,7 @@ pub struct Preprocessor {
     template: ChatTemplate,
     tokenizer: Arc<CachedTokenizer>,
     images: Arc<ImageProcessor>,
+    image_cache: Arc<ImageCache>,
     fetcher: Fetcher,
     config: PreprocessConfig,
     /// Ids of (image, start-of-image, end-of-image), if the tokenizer has them.
@@ -150,10 +160,12 @@ impl Preprocessor {
             _ => None,
         };
         let fetcher = Fetcher::new(config.fetch.clone()).map_err(PreprocessError::Internal)?;
+        let settings = image_cache::settings_fingerprint(&image_config, config.wire_dtype, config.keep_pixel_values);
         Ok(Self {
             template,
             tokenizer,
             images: Arc::new(ImageProcessor::new(image_config)),
+            image_cache: Arc::new(ImageCache::new(config.image_cache_bytes, settings)),
             fetcher,
             config,
             image_ids,
@@ -175,6 +187,10 @@ impl Preprocessor {
 
     pub fn image_processor(&self) -> &ImageProcessor {
         &self.images
+    }
+
+    pub fn image_cache(&self) -> &ImageCache {
+        &self.image_cache
     }
 
     /// Render the chat template for a `/v1/chat/completions` body (no tokenization, no images).
@@ -199,7 +215,7 @@ impl Preprocessor {
     /// processed off the async threads), tokenization with placeholders.
     pub async fn prepare_chat(&self, body: &Value) -> Result<PreparedPrompt, PreprocessError> {
         let (text, inputs) = self.render_chat(body)?;
-        let images = self.load_images(&inputs.image_urls).await?;
+        let images = self.prepare_images(&inputs.image_urls).await?;
         self.finish_prompt(text, images)
     }
 
@@ -246,7 +262,6 @@ impl Preprocessor {
             images: Vec::new(),
             reasoning_prefilled: false,
             text,
-            wire_dtype: self.config.wire_dtype,
         })
     }
 
@@ -264,7 +279,8 @@ impl Preprocessor {
         }
     }
 
-    async fn load_images(&self, urls: &[String]) -> Result<Vec<ProcessedImage>, PreprocessError> {
+    /// Fetch and prepare a request's images (through the image cache), in order.
+    pub async fn prepare_images(&self, urls: &[String]) -> Result<Vec<Arc<PreparedImage>>, PreprocessError> {
         if urls.is_empty() {
             return Ok(Vec::new());
         }
@@ -272,6 +288,12 @@ impl Preprocessor {
             return Err(PreprocessError::bad_param("messages", "this model does not accept images"));
         }
         let jobs = urls.iter().enumerate().map(|(index, url)| async move {
+            let cache = &self.image_cache;
+            // A data: URL is keyed by its text, so a repeated one skips even the base64 decode.
+            let data_key = (cache.enabled() && url.starts_with("data:")).then(|| cache.key(ImageSource::DataUrl(url)));
+            if let Some(hit) = data_key.as_ref().and_then(|k| cache.get(k)) {
+                return Ok(hit);
+            }
             let bytes = self.fetcher.fetch(url).await.map_err(|message| {
                 if url.starts_with("data:") {
                     PreprocessError::image(index, message)
@@ -279,22 +301,38 @@ impl Preprocessor {
                     PreprocessError::Fetch { index, url: shorten(url), message }
                 }
             })?;
-            let processor = self.images.clone();
-            let processed = match tokio::runtime::Handle::try_current() {
+            let (processor, cache) = (self.images.clone(), self.image_cache.clone());
+            let (dtype, keep) = (self.config.wire_dtype, self.config.keep_pixel_values);
+            // An http(s) image is keyed by the body it returned (hashed off the async threads,
+            // like the decode), never by its URL alone.
+            let prepare = move || -> Result<Arc<PreparedImage>, String> {
+                let key = data_key.or_else(|| cache.enabled().then(|| cache.key(ImageSource::Bytes(&bytes))));
+                if data_key.is_none() {
+                    if let Some(hit) = key.as_ref().and_then(|k| cache.get(k)) {
+                        return Ok(hit);
+                    }
+                }
+                let image = Arc::new(PreparedImage::new(processor.process_bytes(&bytes)?, dtype, keep));
+                if let Some(key) = key {
+                    cache.insert(key, image.clone());
+                }
+                Ok(image)
+            };
+            let prepared = match tokio::runtime::Handle::try_current() {
                 // CPU work off the async worker threads.
                 Ok(handle) => handle
-                    .spawn_blocking(move || processor.process_bytes(&bytes))
+                    .spawn_blocking(prepare)
                     .await
                     .map_err(|e| PreprocessError::Internal(format!("image task failed: {e}")))?,
-                Err(_) => processor.process_bytes(&bytes),
+                Err(_) => prepare(),
             };
-            processed.map_err(|m| PreprocessError::image(index, m))
+            prepared.map_err(|m| PreprocessError::image(index, m))
         });
         let results = join_all(jobs).await;
         results.into_iter().collect()
     }
 
-    fn finish_prompt(&self, text: String, images: Vec<ProcessedImage>) -> Result<PreparedPrompt, PreprocessError> {
+    fn finish_prompt(&self, text: String, images: Vec<Arc<PreparedImage>>) -> Result<PreparedPrompt, PreprocessError> {
         let mut ids = Vec::with_capacity(text.len() / 3 + images.iter().map(|i| i.num_tokens() + 2).sum::<usize>());
         let pieces: Vec<&str> = text.split(IMAGE_TOKEN).collect();
         if pieces.len() - 1 != images.len() {
@@ -318,14 +356,7 @@ impl Preprocessor {
         }
         self.check_length(ids.len())?;
         let reasoning_prefilled = text.trim_end().ends_with(THINK_START);
-        Ok(PreparedPrompt {
-            prompt_tokens: ids.len(),
-            input_ids: ids,
-            images,
-            reasoning_prefilled,
-            text,
-            wire_dtype: self.config.wire_dtype,
-        })
+        Ok(PreparedPrompt { prompt_tokens: ids.len(), input_ids: ids, images, reasoning_prefilled, text })
     }
 }
 

@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value;
 
-use super::handoff::{f32_le_bytes, pixel_bytes, WireDtype};
+use super::handoff::{f32_le_bytes, WireDtype};
 use super::images::decode::decode_rgb;
 use super::images::fetch::{FetchConfig, Fetcher};
 use super::images::{patchify, resize, smart_resize as smart_resize_rs, ImageConfig, ImageProcessor, ResizePolicy};
@@ -32,10 +32,11 @@ fn parse_json(text: &str, what: &str) -> PyResult<Value> {
 }
 
 /// Settings from a JSON object (all keys optional): max_images, cache_max_tokens,
-/// max_prompt_tokens, allow_private, allow_hosts, max_bytes, timeout_s, max_redirects,
+/// image_cache_bytes, keep_pixel_values (default true here: `prepare_chat` returns the float32
+/// rows), max_prompt_tokens, allow_private, allow_hosts, max_bytes, timeout_s, max_redirects,
 /// wire_dtype ("float32" | "bfloat16"), resize_policy ("hf_area" | "long_side:<px>").
 fn config_from_json(text: Option<&str>) -> PyResult<PreprocessConfig> {
-    let mut cfg = PreprocessConfig::default();
+    let mut cfg = PreprocessConfig { keep_pixel_values: true, ..Default::default() };
     let Some(text) = text else { return Ok(cfg) };
     let v = parse_json(text, "config")?;
     let u = |k: &str| v.get(k).and_then(Value::as_u64);
@@ -44,6 +45,12 @@ fn config_from_json(text: Option<&str>) -> PyResult<PreprocessConfig> {
     }
     if let Some(x) = u("cache_max_tokens") {
         cfg.cache_max_tokens = x as usize;
+    }
+    if let Some(x) = u("image_cache_bytes") {
+        cfg.image_cache_bytes = x as usize;
+    }
+    if let Some(b) = v.get("keep_pixel_values").and_then(Value::as_bool) {
+        cfg.keep_pixel_values = b;
     }
     if let Some(x) = u("max_prompt_tokens") {
         cfg.max_prompt_tokens = Some(x as usize);
@@ -98,9 +105,27 @@ fn prompt_to_dict<'py>(py: Python<'py>, p: &PreparedPrompt) -> PyResult<Bound<'p
     let grids: Vec<(u32, u32, u32)> = p.images.iter().map(|i| (i.grid_thw[0], i.grid_thw[1], i.grid_thw[2])).collect();
     d.set_item("image_grid_thw", grids)?;
     let rows: usize = p.images.iter().map(|i| i.num_patches()).sum();
-    let cols = p.images.first().map(|i| i.pixel_values.len() / i.num_patches().max(1)).unwrap_or(0);
-    d.set_item("pixel_values", PyBytes::new(py, &pixel_bytes(&p.images, WireDtype::Float32)))?;
-    d.set_item("pixel_shape", (rows, cols))?;
+    // Float32 rows of all images, when kept (`keep_pixel_values`); None otherwise.
+    let kept: Option<Vec<&[f32]>> = p.images.iter().map(|i| i.pixel_values.as_deref()).collect();
+    match kept {
+        Some(kept) if !p.images.is_empty() => {
+            let cols = kept[0].len() / p.images[0].num_patches().max(1);
+            let mut bytes = Vec::with_capacity(kept.iter().map(|k| k.len() * 4).sum());
+            for k in kept {
+                bytes.extend_from_slice(&f32_le_bytes(k));
+            }
+            d.set_item("pixel_values", PyBytes::new(py, &bytes))?;
+            d.set_item("pixel_shape", (rows, cols))?;
+        }
+        Some(_) => {
+            d.set_item("pixel_values", PyBytes::new(py, &[]))?;
+            d.set_item("pixel_shape", (0, 0))?;
+        }
+        None => {
+            d.set_item("pixel_values", py.None())?;
+            d.set_item("pixel_shape", py.None())?;
+        }
+    }
     d.set_item("worker_image_data", p.worker_image_data().map(|v| v.to_string()))?;
     Ok(d)
 }
@@ -155,6 +180,34 @@ impl PyPreprocessor {
         d.set_item("hit_tokens", s.hit_tokens)?;
         d.set_item("miss_tokens", s.miss_tokens)?;
         d.set_item("cached_tokens", s.cached_tokens)?;
+        Ok(d)
+    }
+
+    /// `prepare_images(urls) -> [(t, h, w)]`: the images of a request (data: or http(s) URLs)
+    /// fetched and prepared as `prepare_chat` does, through the image cache; for benchmarks.
+    fn prepare_images(&self, py: Python<'_>, urls: Vec<String>) -> PyResult<Vec<(u32, u32, u32)>> {
+        let images = py
+            .allow_threads(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| PreprocessError::Internal(format!("tokio runtime: {e}")))?;
+                rt.block_on(self.inner.prepare_images(&urls))
+            })
+            .map_err(to_py_err)?;
+        Ok(images.iter().map(|i| (i.grid_thw[0], i.grid_thw[1], i.grid_thw[2])).collect())
+    }
+
+    /// Counters of the prepared-image cache: hits, misses, evictions, bytes, entries, max_bytes.
+    fn image_cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.image_cache().stats();
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("entries", s.entries)?;
+        d.set_item("max_bytes", s.max_bytes)?;
         Ok(d)
     }
 }

@@ -51,12 +51,15 @@ impl AppState {
             Duration::from_secs_f64(cfg.session_ttl_secs),
             cfg.max_sessions,
         );
+        let metrics = Metrics::new();
+        let source = Arc::clone(&prompts);
+        metrics.watch_image_cache(Box::new(move || source.image_cache_stats()));
         Ok(Self {
             model_name: cfg.model_name(),
             context_length: cfg.resolve_context_length(),
             api_keys: cfg.load_api_keys()?,
             client: WorkerClient::new(Duration::from_secs_f64(cfg.connect_timeout_secs)),
-            metrics: Metrics::new(),
+            metrics,
             pool,
             router,
             prompts,
