@@ -136,6 +136,9 @@ def test_plugin_ran_msa_kernels(worker):
     assert counts.get("moe_halves_fix", 0) >= 1
     assert counts.get("sparse_kv_pool_allowed") == 1
     assert counts["sparse_extend"] + counts["sparse_decode"] == n_sparse * counts["plan_built"]
+    # The CUDA platform's fused norm/rotary forwards: the CPU worker keeps SGLang's native forwards.
+    assert "fused_ops_registered" not in model_proc[0]
+    assert not counts.get("fused_norm") and not counts.get("fused_rotary")
     log = worker.log_path.read_text(errors="replace")
     assert "[m3serve] M3 sparse layers -> msa_kernels" in log
 

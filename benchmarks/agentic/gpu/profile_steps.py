@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/agentic/gpu/profile_steps.py " + " ".join(argv or sys.argv[1:]),
             "card": info.get("card") or info.get("nvidia_smi") or args.device, "device_info": info,
             "versions": ", ".join(f"{k} {info.get(k)}" for k in ("python", "torch", "triton", "sglang")),
-            "prefix": args.prefix, "new": args.new, "batch": args.batch, "decode": args.decode}
+            "prefix": args.prefix, "new": args.new, "batch": args.batch, "decode": args.decode,
+            # switches the workers inherit (e.g. M3SERVE_FUSED_OPS=0 for the native-ops A/B)
+            "m3serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("M3SERVE_")}}
     models = {}
     results = []
     for arm in args.arms.split(","):
