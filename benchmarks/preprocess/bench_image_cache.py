@@ -21,17 +21,15 @@ import argparse
 import base64
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import zlib
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_images import CASES, cpu_model, encode, natural_image  # noqa: E402
+from bench_images import CASES, encode, natural_image, run_meta  # noqa: E402
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -122,20 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import PIL
 
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), "
-        f"load average {os.getloadavg()[0]:.1f}",
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "pillow": PIL.__version__,
-        "gateway": g.version(),
-        "runs": args.runs,
-        "pinned_cores": 1,
-        "wire_dtype": "bfloat16 (default)",
-        "cache_bound_bytes": 256 << 20,
-    }
+    meta = run_meta(argv, args.runs, g.version(), pillow=PIL.__version__)
+    meta.update({"wire_dtype": "bfloat16 (default)", "cache_bound_bytes": 256 << 20})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")

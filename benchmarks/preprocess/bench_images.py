@@ -116,19 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name:22s} HF {med_hf:7.2f} ms  Rust {med_rs:7.2f} ms  x{med_hf / med_rs:4.2f}  max|d| {diff.max():.4f}", flush=True)
 
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), load average {os.getloadavg()[0]:.1f}",
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pillow": Image.__version__,
-        "gateway": g.version(),
-        "runs": args.runs,
-        "pinned_cores": 1,
-    }
+    meta = run_meta(argv, args.runs, g.version(), torch=torch.__version__, transformers=transformers.__version__,
+                    pillow=Image.__version__)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
@@ -152,6 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {out}.json and {out}.md")
     return 0
+
+
+def run_meta(argv: list[str] | None, runs: int, gateway_version: str, **versions: str) -> dict:
+    """The header every preprocessing benchmark writes: when, how, on what, with which versions."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), "
+        f"load average {os.getloadavg()[0]:.1f}",
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        **versions,
+        "gateway": gateway_version,
+        "runs": runs,
+        "pinned_cores": 1,
+    }
 
 
 def cpu_model() -> str:

@@ -366,7 +366,7 @@ mod tests {
 #[cfg(test)]
 mod timing {
     use super::*;
-    use crate::preprocess::images::ImageProcessor;
+    use crate::preprocess::images::{best_of_15_ms, ImageProcessor};
 
     /// `M3_IMAGE=file cargo test --release -- --ignored --nocapture image_cache::timing`: where a
     /// miss and a hit of one image spend their time (best of 15, one thread).
@@ -382,31 +382,23 @@ mod timing {
         let cfg = ImageConfig::default();
         let p = ImageProcessor::new(cfg.clone());
         let c = ImageCache::new(256 << 20, settings_fingerprint(&cfg, WireDtype::BFloat16, false));
-        let best = |f: &mut dyn FnMut()| {
-            (0..15)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .fold(f64::MAX, f64::min)
-        };
         let processed = p.process_bytes(&bytes).unwrap();
         let prepared = Arc::new(PreparedImage::new(processed.clone(), WireDtype::BFloat16, false));
         let key = c.key(ImageSource::DataUrl(&url));
         c.insert(key, prepared.clone());
-        let t_b64 = best(&mut || drop(crate::preprocess::images::fetch::decode_data_url(&url, 20 << 20).unwrap()));
-        let t_proc = best(&mut || drop(p.process_bytes(&bytes).unwrap()));
-        let t_wire = best(&mut || drop(PreparedImage::new(processed.clone(), WireDtype::BFloat16, false)));
-        let t_clone = best(&mut || drop(processed.clone()));
-        let t_salt = best(&mut || {
+        let t_b64 =
+            best_of_15_ms(&mut || drop(crate::preprocess::images::fetch::decode_data_url(&url, 20 << 20).unwrap()));
+        let t_proc = best_of_15_ms(&mut || drop(p.process_bytes(&bytes).unwrap()));
+        let t_wire = best_of_15_ms(&mut || drop(PreparedImage::new(processed.clone(), WireDtype::BFloat16, false)));
+        let t_clone = best_of_15_ms(&mut || drop(processed.clone()));
+        let t_salt = best_of_15_ms(&mut || {
             std::hint::black_box(crate::preprocess::handoff::pixel_hash(&processed));
         });
-        let t_key = best(&mut || {
+        let t_key = best_of_15_ms(&mut || {
             std::hint::black_box(c.key(ImageSource::DataUrl(&url)));
         });
-        let t_get = best(&mut || drop(c.get(&key)));
-        let t_json = best(&mut || {
+        let t_get = best_of_15_ms(&mut || drop(c.get(&key)));
+        let t_json = best_of_15_ms(&mut || {
             let v = crate::preprocess::handoff::worker_image_data(std::slice::from_ref(&prepared)).unwrap();
             drop(serde_json::to_vec(&serde_json::json!({ "image_data": v })).unwrap())
         });

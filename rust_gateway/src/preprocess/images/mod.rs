@@ -328,6 +328,18 @@ mod tests {
     }
 }
 
+/// Best of 15 runs of `f`, in ms: the timing tests' measure (ignored tests, run by hand).
+#[cfg(test)]
+pub(crate) fn best_of_15_ms(f: &mut dyn FnMut()) -> f64 {
+    (0..15)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::MAX, f64::min)
+}
+
 #[cfg(test)]
 mod timing {
     use super::*;
@@ -370,21 +382,12 @@ mod timing {
             if decode::sniff(&bytes).is_err() {
                 continue;
             }
-            let best = |f: &mut dyn FnMut()| {
-                (0..15)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64() * 1e3
-                    })
-                    .fold(f64::MAX, f64::min)
-            };
             let img = decode_rgb(&bytes, &p.config.limits).unwrap();
             let (th, tw) = p.config.target_size(img.height, img.width).unwrap();
-            let t_dec = best(&mut || drop(decode_rgb(&bytes, &p.config.limits).unwrap()));
-            let t_res = best(&mut || drop(resize::resize_rgb8(&img.data, img.width, img.height, tw, th)));
+            let t_dec = best_of_15_ms(&mut || drop(decode_rgb(&bytes, &p.config.limits).unwrap()));
+            let t_res = best_of_15_ms(&mut || drop(resize::resize_rgb8(&img.data, img.width, img.height, tw, th)));
             let resized = resize::resize_rgb8(&img.data, img.width, img.height, tw, th);
-            let t_pat = best(&mut || {
+            let t_pat = best_of_15_ms(&mut || {
                 let mut out = Vec::new();
                 patchify_into(&resized, tw, th, p.geometry(), &p.table, &mut out);
             });
