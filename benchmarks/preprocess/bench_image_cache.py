@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_images import CASES, encode, natural_image, run_meta  # noqa: E402
+from bench_images import CASES, encode, natural_image, report_head, run_meta  # noqa: E402
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -123,13 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(argv, args.runs, g.version(), pillow=PIL.__version__)
     meta.update({"wire_dtype": "bfloat16 (default)", "cache_bound_bytes": 256 << 20})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = [
-        "# Prepared-image cache, one CPU core: a resent image, cold vs repeat",
-        "",
-        *(f"- {k}: {v}" for k, v in meta.items()),
-        "",
+        *report_head(out, meta, rows, "Prepared-image cache, one CPU core: a resent image, cold vs repeat"),
         "Inputs: bench_images.py's cases (same seeds) as data: URLs. Median ms; cold/miss/repeat interleaved, chat_* interleaved, order rotated.",
         "`preprocess_image`: bench_images.py's Rust function (f32 rows, no hand-off). `cold`: the request's image",
         "path with the cache disabled (base64 + decode + resize + patchify + bf16 hand-off encode). `miss`: cache on,",

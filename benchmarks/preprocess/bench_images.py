@@ -119,13 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(argv, args.runs, g.version(), torch=torch.__version__, transformers=transformers.__version__,
                     pillow=Image.__version__)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = [
-        "# Image preprocessing, one CPU core: Rust gateway vs HF MiniMaxM3VLImageProcessor",
-        "",
-        *(f"- {k}: {v}" for k, v in meta.items()),
-        "",
+        *report_head(out, meta, rows, "Image preprocessing, one CPU core: Rust gateway vs HF MiniMaxM3VLImageProcessor"),
         "Both sides: encoded bytes -> pixel_values (float32) + image_grid_thw; median of the runs, interleaved.",
         "Parity: |Rust - HF| in normalized units (one 8-bit level = 0.015).",
         "",
@@ -157,6 +152,13 @@ def run_meta(argv: list[str] | None, runs: int, gateway_version: str, **versions
         "runs": runs,
         "pinned_cores": 1,
     }
+
+
+def report_head(out: Path, meta: dict, rows: list[dict], title: str) -> list[str]:
+    """Write `out`.json (meta + rows) and return the markdown report's first lines (title, then meta)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    return [f"# {title}", "", *(f"- {k}: {v}" for k, v in meta.items()), ""]
 
 
 def cpu_model() -> str:
