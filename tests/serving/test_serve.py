@@ -15,6 +15,7 @@ import pytest
 
 from m3serve.serving.processes import ManagedProcess, free_port
 
+IMAGE_CACHE_MB = 48  # not the gateway's default: the test sees it arrive
 READY_TIMEOUT_S = float(os.environ.get("M3SERVE_TEST_STARTUP_TIMEOUT", "420")) + 120
 
 
@@ -40,7 +41,8 @@ def serve(tmp_path_factory):
     out = root / "serve.out"
     # Not a new session of its own would be closer to a terminal, but the test must never leak it.
     proc = ManagedProcess("m3serve serve", [sys.executable, "-m", "m3serve.cli", "serve", "--port", str(port),
-                                            "--log-dir", str(root / "logs")], env, out).start()
+                                            "--log-dir", str(root / "logs"),
+                                            f"--gateway-arg=--image-cache-mb={IMAGE_CACHE_MB}"], env, out).start()
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
         while "m3serve is ready." not in out.read_text(errors="replace"):
@@ -68,6 +70,10 @@ def test_serve_answers_then_stops_cleanly_on_ctrl_c(serve):
         reply = json.loads(r.read())
     assert reply["choices"][0]["message"]["role"] == "assistant"
     assert reply["usage"]["completion_tokens"] >= 1
+    # --gateway-arg reached the gateway
+    with urllib.request.urlopen(base.removesuffix("/v1") + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert f"m3gw_image_cache_max_bytes {IMAGE_CACHE_MB << 20}" in metrics, metrics[-2000:]
 
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C, delivered to `serve` alone: it must stop its children
     try:
@@ -79,3 +85,10 @@ def test_serve_answers_then_stops_cleanly_on_ctrl_c(serve):
     time.sleep(1)
     leftovers = _processes_mentioning(str(root))
     assert not leftovers, f"processes outlived m3serve serve: {leftovers}"
+
+
+def test_gateway_args_need_the_gateway(capsys):
+    from m3serve.serving.serve import main
+
+    assert main(["--no-gateway", "--gateway-arg=--image-cache-mb=8"]) == 2
+    assert "--gateway-arg needs the gateway" in capsys.readouterr().err

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, help=f"KV pool size per worker (CPU default {CPU_MAX_TOTAL_TOKENS})")
     p.add_argument("--served-model-name", default="m3serve", help="model id clients send (default m3serve)")
     p.add_argument("--no-gateway", action="store_true", help="serve the (single) worker directly")
+    p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                   help="one option for the gateway, written with '=': --gateway-arg=--image-cache-mb=512 "
+                        "(repeatable; the options are `m3serve gateway --help`'s)")
     p.add_argument("--log-dir", help="where worker and gateway logs go (default: a new temporary folder)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for readiness")
     p.add_argument("--cache-dir", default=os.environ.get("M3SERVE_CACHE_DIR"),
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gateway_command = None if args.no_gateway else _gateway_command()
     direct = gateway_command is None
+    if direct and args.gateway_arg:
+        print("m3serve serve: error: --gateway-arg needs the gateway (drop --no-gateway)", file=sys.stderr)
+        return 2
     if direct and args.workers > 1:
         print("m3serve serve: error: several workers need the gateway (m3serve.gateway is not available)",
               file=sys.stderr)
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://{args.host}:{args.port}"
         else:
             cmd = gateway_command([w.url for w in launches], str(model_path), args.host, args.port,
-                                  ["--served-model-name", args.served_model_name])
+                                  ["--served-model-name", args.served_model_name, *args.gateway_arg])
             print(f"m3serve serve: starting the gateway on http://{args.host}:{args.port}", flush=True)
             gateway = ManagedProcess("gateway", cmd, dict(os.environ), log_dir / "gateway.log").start()
             children.append(gateway)
