@@ -35,6 +35,14 @@ class PortableCudaPlatform(CudaDeviceMixin, SRTPlatform):
     def get_torch_distributed_backend_str(self) -> str:
         return "nccl"
 
+    # SGLang's /start_profile asks the platform for its profiler activity; the mixin's default raises, which
+    # took the whole worker down with it.
+    def get_torch_profiler_activity_str(self) -> str:
+        return "CUDA"
+
+    def get_torch_profiler_activity(self) -> torch.profiler.ProfilerActivity:
+        return torch.profiler.ProfilerActivity.CUDA
+
     # SGLang's norms and rotary embeddings dispatch, on an out-of-tree platform, to forwards registered
     # for this key (m3serve.platform.cuda_ops.sglang_forwards: one Triton launch each), else native torch.
     # SGLang first asks for the key when an op first runs, after its layers are imported: the forwards are
