@@ -7,7 +7,7 @@
 //! against fake workers without a checkpoint; it refuses images.
 
 use crate::error::ApiError;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -17,8 +17,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, Default)]
 pub struct Prompt {
     pub input_ids: Vec<u32>,
-    /// Extra top-level fields of the worker's /generate body (the preprocessed image hand-off).
-    pub worker_fields: Map<String, Value>,
+    /// The preprocessed images, in prompt order: the worker's /generate `image_data` (their
+    /// hand-off strings, shared with the image cache, are written into the body without a copy).
+    pub images: Vec<std::sync::Arc<crate::preprocess::PreparedImage>>,
     /// (token offset, content hash) of each image, so prefix routing tells images apart.
     pub image_salts: Vec<(usize, u64)>,
     /// The rendered prompt ends inside `<mm:think>`: the reply starts with reasoning.

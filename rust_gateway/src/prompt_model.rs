@@ -10,7 +10,7 @@ use crate::preprocess::{
 };
 use crate::prompt::{BoxFuture, Prompt, PromptBuilder};
 use axum::http::StatusCode;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 impl From<PreprocessError> for ApiError {
     fn from(e: PreprocessError) -> Self {
@@ -65,16 +65,12 @@ impl ModelPromptBuilder {
     }
 
     fn to_prompt(&self, p: PreparedPrompt) -> Prompt {
-        let mut worker_fields = Map::new();
-        if let Some(images) = p.worker_image_data() {
-            worker_fields.insert("image_data".into(), images);
-        }
         Prompt {
             image_salts: self.image_salts(&p),
-            input_ids: p.input_ids,
-            worker_fields,
-            reasoning_prefilled: p.reasoning_prefilled,
             reasoning_closed: p.text.trim_end().ends_with(THINK_END),
+            input_ids: p.input_ids,
+            images: p.images,
+            reasoning_prefilled: p.reasoning_prefilled,
             hidden_output_tokens: self.hidden_output_tokens.clone(),
         }
     }

@@ -92,6 +92,12 @@ pub const WIRE_MEDIA_TYPE: &str = "application/x-m3serve-pixels";
 
 /// One image as a hand-off data URL (see the module docs).
 pub fn image_data_url(image: &ProcessedImage, dtype: WireDtype) -> String {
+    encode_data_url(image, dtype, "")
+}
+
+/// The data URL between two `quote`s (`"` gives its JSON string form, which needs no escaping:
+/// the header's characters and base64's alphabet are all plain printable ASCII).
+fn encode_data_url(image: &ProcessedImage, dtype: WireDtype, quote: &str) -> String {
     let [t, h, w] = image.grid_thw;
     let header = format!("data:{WIRE_MEDIA_TYPE};v=1;dtype={};grid={t}x{h}x{w};base64,", dtype.name());
     // The rows' bytes without a second copy, base64-encoded straight into a string of exact size.
@@ -107,10 +113,18 @@ pub fn image_data_url(image: &ProcessedImage, dtype: WireDtype) -> String {
             bytemuck::cast_slice(&bf16)
         }
     };
-    let mut out = String::with_capacity(header.len() + base64::encoded_len(raw.len(), true).unwrap_or(0));
+    let mut out =
+        String::with_capacity(2 * quote.len() + header.len() + base64::encoded_len(raw.len(), true).unwrap_or(0));
+    out.push_str(quote);
     out.push_str(&header);
     base64::engine::general_purpose::STANDARD.encode_string(raw, &mut out);
+    out.push_str(quote);
     out
+}
+
+/// `s` is its own JSON string body: serde_json escapes only `"`, `\\` and control characters.
+fn json_safe(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 /// One image of a request in the form the request path needs: the hand-off data URL (already
@@ -127,8 +141,10 @@ pub struct PreparedImage {
     pub original_hw: (usize, usize),
     /// Element type of [`Self::data_url`].
     pub wire_dtype: WireDtype,
-    /// The hand-off data URL ([`image_data_url`]) for the worker's `image_data`.
-    pub data_url: String,
+    /// The hand-off data URL ([`image_data_url`]) in JSON string form (between double quotes;
+    /// nothing escaped, checked once here), so a request writes it into the worker's `/generate`
+    /// body without re-encoding or copying it ([`Self::data_url_json`]).
+    data_url_json: String,
     /// 64-bit hash of the pixel values and grid: tells images apart in prefix routing.
     pub pixel_hash: u64,
     /// The float32 `pixel_values` rows, when kept (`PreprocessConfig::keep_pixel_values`).
@@ -139,8 +155,11 @@ impl PreparedImage {
     /// Encode a processed image for the worker (the expensive part after patchify: bf16 rounding
     /// and base64 of ~5 MB for a 576-token image).
     pub fn new(image: ProcessedImage, dtype: WireDtype, keep_pixel_values: bool) -> Self {
-        let mut data_url = image_data_url(&image, dtype);
-        data_url.shrink_to_fit();
+        let data_url_json = encode_data_url(&image, dtype, "\"");
+        // The header (dtype name, grid numbers) must need no escaping; base64 never does.
+        let header_end = data_url_json.find(";base64,").expect("hand-off header");
+        assert!(json_safe(&data_url_json[1..header_end]), "hand-off header needs JSON escaping");
+        debug_assert!(json_safe(&data_url_json[1..data_url_json.len() - 1]));
         Self {
             grid_thw: image.grid_thw,
             merge_size: image.merge_size,
@@ -148,9 +167,25 @@ impl PreparedImage {
             original_hw: image.original_hw,
             wire_dtype: dtype,
             pixel_hash: pixel_hash(&image),
-            data_url,
+            data_url_json,
             pixel_values: keep_pixel_values.then_some(image.pixel_values),
         }
+    }
+
+    /// The hand-off data URL ([`image_data_url`]) for the worker's `image_data`.
+    pub fn data_url(&self) -> &str {
+        &self.data_url_json[1..self.data_url_json.len() - 1]
+    }
+
+    /// [`Self::data_url`] as a JSON string (quoted), exactly what `serde_json` writes for it.
+    pub fn data_url_json(&self) -> &str {
+        &self.data_url_json
+    }
+
+    /// [`Self::data_url_json`] as `Bytes` sharing this image's memory (no copy): an HTTP body
+    /// chunk that keeps the image alive until sent.
+    pub fn data_url_json_bytes(self: &std::sync::Arc<Self>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(JsonOf(self.clone()))
     }
 
     /// Placeholder tokens this image takes in the prompt.
@@ -165,8 +200,17 @@ impl PreparedImage {
     /// Heap and inline bytes this image holds (what the image cache counts against its bound).
     pub fn size_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.data_url.capacity()
+            + self.data_url_json.capacity()
             + self.pixel_values.as_ref().map_or(0, |p| p.capacity() * std::mem::size_of::<f32>())
+    }
+}
+
+/// Owner of a [`PreparedImage::data_url_json_bytes`] chunk.
+struct JsonOf(std::sync::Arc<PreparedImage>);
+
+impl AsRef<[u8]> for JsonOf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.data_url_json.as_bytes()
     }
 }
 
@@ -176,12 +220,32 @@ pub fn pixel_hash(image: &ProcessedImage) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&bytes) ^ u64::from(image.grid_thw[1]) << 32 ^ u64::from(image.grid_thw[2])
 }
 
-/// The `image_data` list for the worker's `/generate` (None when the request has no image).
+/// The `image_data` list for the worker's `/generate` as a `serde_json::Value` (None when the
+/// request has no image). Copies every data URL: the server and the Python binding write
+/// [`worker_image_data_json`] / [`PreparedImage::data_url_json_bytes`] instead.
 pub fn worker_image_data(images: &[std::sync::Arc<PreparedImage>]) -> Option<Value> {
     if images.is_empty() {
         return None;
     }
-    Some(Value::Array(images.iter().map(|i| Value::String(i.data_url.clone())).collect()))
+    Some(Value::Array(images.iter().map(|i| Value::String(i.data_url().to_string())).collect()))
+}
+
+/// The `image_data` list as JSON text, the same text `serde_json::to_string` gives for
+/// [`worker_image_data`], built from the stored JSON strings (one copy each, no escaping pass).
+pub fn worker_image_data_json(images: &[std::sync::Arc<PreparedImage>]) -> Option<String> {
+    if images.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(1 + images.iter().map(|i| i.data_url_json.len() + 1).sum::<usize>());
+    out.push('[');
+    for (k, image) in images.iter().enumerate() {
+        if k > 0 {
+            out.push(',');
+        }
+        out.push_str(&image.data_url_json);
+    }
+    out.push(']');
+    Some(out)
 }
 
 #[cfg(test)]
@@ -207,6 +271,33 @@ mod tests {
             let got = image_data_url(&image, dtype);
             assert_eq!(got, want);
             assert_eq!(got.capacity(), got.len());
+        }
+    }
+
+    #[test]
+    fn stored_json_form_is_what_serde_json_writes() {
+        let image = |seed: usize, h: u32| ProcessedImage {
+            pixel_values: (0..h as usize * 1176).map(|i| ((i * 31 + seed) as f32 * 0.11).cos() * 2.0).collect(),
+            grid_thw: [1, h, 1],
+            resized_hw: (14 * h as usize, 14),
+            original_hw: (14 * h as usize, 14),
+            merge_size: 2,
+        };
+        for dtype in [WireDtype::Float32, WireDtype::BFloat16] {
+            let shapes = [(1, 2), (2, 4), (1, 2)];
+            let images: Vec<std::sync::Arc<PreparedImage>> = shapes
+                .iter()
+                .map(|&(seed, h)| std::sync::Arc::new(PreparedImage::new(image(seed, h), dtype, false)))
+                .collect();
+            for (img, &(seed, h)) in images.iter().zip(&shapes) {
+                assert_eq!(img.data_url(), image_data_url(&image(seed, h), dtype));
+                assert_eq!(img.data_url_json(), serde_json::to_string(img.data_url()).unwrap());
+                assert_eq!(img.data_url_json_bytes().as_ref(), img.data_url_json().as_bytes());
+            }
+            for k in 0..=images.len() {
+                let old = worker_image_data(&images[..k]).map(|v| v.to_string());
+                assert_eq!(worker_image_data_json(&images[..k]), old);
+            }
         }
     }
 

@@ -238,7 +238,7 @@ mod tests {
         let fresh = prepare(&cfg, &bytes, WireDtype::BFloat16);
         assert_eq!(*hit, fresh);
         assert_eq!(hit.num_tokens(), fresh.num_tokens());
-        assert!(hit.data_url.starts_with("data:application/x-m3serve-pixels;v=1;dtype=bfloat16;grid=1x"));
+        assert!(hit.data_url().starts_with("data:application/x-m3serve-pixels;v=1;dtype=bfloat16;grid=1x"));
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.entries), (1, 1, 1));
         assert_eq!(s.bytes as usize, hit.size_bytes() + ENTRY_OVERHEAD);
@@ -402,10 +402,15 @@ mod timing {
             let v = crate::preprocess::handoff::worker_image_data(std::slice::from_ref(&prepared)).unwrap();
             drop(serde_json::to_vec(&serde_json::json!({ "image_data": v })).unwrap())
         });
+        // What the Python binding's `worker_image_data` costs now (the server copies nothing:
+        // `server::generate::timing`).
+        let t_json_now = best_of_15_ms(&mut || {
+            drop(crate::preprocess::handoff::worker_image_data_json(std::slice::from_ref(&prepared)).unwrap())
+        });
         eprintln!(
             "data URL {} B: base64 decode {t_b64:.2} ms, process {t_proc:.2} ms, hand-off encode {:.2} ms \
              (of which pixel hash {t_salt:.2}), key {t_key:.3} ms, lookup {t_get:.4} ms, \
-             image_data into a JSON body {t_json:.2} ms",
+             image_data into a JSON body via Value {t_json:.2} ms, as JSON text from the stored form {t_json_now:.2} ms",
             url.len(),
             t_wire - t_clone
         );

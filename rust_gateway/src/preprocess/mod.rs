@@ -7,7 +7,9 @@
 //!   per `/v1/completions` body; both give a [`PreparedPrompt`] or a [`PreprocessError`] whose
 //!   [`PreprocessError::status`] is the HTTP status to answer (400 for client mistakes).
 //! * [`PreparedPrompt::worker_image_data`] is the `image_data` field for the worker's `/generate`
-//!   (see [`handoff`] for the wire format), `input_ids` its `input_ids`.
+//!   (see [`handoff`] for the wire format), `input_ids` its `input_ids`. The server writes it from
+//!   [`PreparedImage::data_url_json_bytes`] instead (no copy; `workers::client::GenerateBody`),
+//!   the Python binding from [`PreparedPrompt::worker_image_data_json`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), m3serve_gateway::preprocess::PreprocessError> {
@@ -108,6 +110,12 @@ impl PreparedPrompt {
     /// `image_data` for the worker's `/generate`, or None without images.
     pub fn worker_image_data(&self) -> Option<Value> {
         handoff::worker_image_data(&self.images)
+    }
+
+    /// [`Self::worker_image_data`] as JSON text (what `serde_json::to_string` gives for it),
+    /// without a `Value` copy or an escaping pass.
+    pub fn worker_image_data_json(&self) -> Option<String> {
+        handoff::worker_image_data_json(&self.images)
     }
 }
 

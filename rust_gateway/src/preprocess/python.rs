@@ -126,7 +126,9 @@ fn prompt_to_dict<'py>(py: Python<'py>, p: &PreparedPrompt) -> PyResult<Bound<'p
             d.set_item("pixel_shape", py.None())?;
         }
     }
-    d.set_item("worker_image_data", p.worker_image_data().map(|v| v.to_string()))?;
+    // JSON text from the stored JSON strings (one copy, no escaping pass), built without the GIL.
+    let image_data = py.allow_threads(|| p.worker_image_data_json());
+    d.set_item("worker_image_data", image_data)?;
     Ok(d)
 }
 

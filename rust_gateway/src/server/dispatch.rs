@@ -6,9 +6,8 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::routing::policy::Reason;
 use crate::routing::{RouteError, RouteRequest};
-use crate::workers::client::{UpstreamError, WorkerClient};
+use crate::workers::client::{GenerateBody, UpstreamError, WorkerClient};
 use crate::workers::{InFlight, Worker};
-use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +44,7 @@ pub fn upstream_to_api(e: &UpstreamError) -> ApiError {
 /// Send `bodies` (one per choice; all go to the same worker so they share its prefix cache).
 pub async fn dispatch(
     st: &AppState,
-    bodies: &[Value],
+    bodies: &[GenerateBody],
     chunk_hashes: &[u64],
     session_key: Option<&str>,
     prompt_tokens: usize,
@@ -76,8 +75,7 @@ pub async fn dispatch(
             continue;
         }
         let slots: Vec<InFlight> = bodies.iter().map(|_| InFlight::new(Arc::clone(&worker))).collect();
-        let rids: Vec<String> =
-            bodies.iter().filter_map(|b| b.get("rid").and_then(Value::as_str).map(String::from)).collect();
+        let rids: Vec<String> = bodies.iter().filter_map(|b| b.rid.clone()).collect();
         // Armed before sending: if the client goes away while we wait, the worker is told to stop.
         let mut abort = AbortOnDrop::new(st.client.clone(), worker.url.clone(), rids, st.metrics.client_aborts.clone());
         // All choices at once: a non-streamed answer's head only comes when it is complete.

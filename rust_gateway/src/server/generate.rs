@@ -9,9 +9,10 @@ use crate::api::params::{self, Endpoint, GenParams};
 use crate::api::tool_grammar::{tool_call_grammar, ReasoningStart};
 use crate::error::ApiError;
 use crate::parsers::{OutputParser, ParsedDelta};
+use crate::preprocess::PreparedImage;
 use crate::prompt::Prompt;
 use crate::routing::prefix::chunk_hashes;
-use crate::workers::client::{Finish, GenerateDelta, SseDecoder, StreamAccumulator};
+use crate::workers::client::{Finish, GenerateBody, GenerateDelta, SseDecoder, StreamAccumulator};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -140,8 +141,11 @@ async fn run(
 
     let rid_base = uuid::Uuid::new_v4().simple().to_string();
     let rids: Vec<String> = (0..params.n).map(|i| format!("{rid_base}-{i}")).collect();
-    let bodies: Vec<Value> =
-        rids.iter().enumerate().map(|(i, rid)| worker_body(&params, &prompt, max_new_tokens, rid, i)).collect();
+    let bodies: Vec<GenerateBody> = rids
+        .iter()
+        .enumerate()
+        .map(|(i, rid)| worker_request(&params, &prompt, max_new_tokens, rid, i))
+        .collect::<Result<_, _>>()?;
     let job = Job {
         endpoint,
         id: new_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
@@ -235,10 +239,22 @@ fn worker_body(p: &GenParams, prompt: &Prompt, max_new_tokens: usize, rid: &str,
         // Only the generated tokens' logprobs: -1 starts after the prompt.
         body.insert("logprob_start_len".into(), json!(-1));
     }
-    for (k, v) in &prompt.worker_fields {
-        body.insert(k.clone(), v.clone());
-    }
     Value::Object(body)
+}
+
+/// The bytes of the /generate body for choice `index`: [`worker_body`] plus `image_data`, whose
+/// hand-off strings are sent from the image cache's memory as they are (no escaping pass, no
+/// copy), so this costs the same with ten 7 MB images as without and can stay on the runtime.
+fn worker_request(
+    p: &GenParams,
+    prompt: &Prompt,
+    max_new_tokens: usize,
+    rid: &str,
+    index: usize,
+) -> Result<GenerateBody, ApiError> {
+    let images = prompt.images.iter().map(PreparedImage::data_url_json_bytes).collect();
+    GenerateBody::with_raw_array(&worker_body(p, prompt, max_new_tokens, rid, index), "image_data", images)
+        .map_err(|e| ApiError::internal(format!("cannot serialize the worker request: {e}")))
 }
 
 fn new_parser(job: &Job) -> Option<OutputParser> {
@@ -626,4 +642,130 @@ fn step_chunks(job: &Job, i: usize, s: &mut ChoiceStream, d: &GenerateDelta) -> 
         out.push(job.chunk(choice));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::handoff::worker_image_data;
+    use crate::preprocess::image_cache::{settings_fingerprint, ImageSource};
+    use crate::preprocess::{ImageCache, ImageConfig, ImageProcessor, WireDtype};
+
+    /// What the server sent before `GenerateBody`: the image hand-off copied into the body's
+    /// `serde_json::Value` as its last field, then the whole body serialized.
+    pub(super) fn old_body_bytes(p: &GenParams, prompt: &Prompt, max_new: usize, rid: &str, index: usize) -> Vec<u8> {
+        let mut body = worker_body(p, prompt, max_new, rid, index);
+        if let Some(images) = worker_image_data(&prompt.images) {
+            body.as_object_mut().unwrap().insert("image_data".into(), images);
+        }
+        serde_json::to_vec(&body).unwrap()
+    }
+
+    fn png(seed: u32, w: u32, h: u32) -> Vec<u8> {
+        let data: Vec<u8> =
+            (0..w * h * 3).map(|i| ((i.wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) >> 13) as u8).collect();
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_raw(w, h, data).unwrap().write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    /// Through the image cache: a miss (prepared and inserted) or a hit (the cached `Arc`).
+    fn through_cache(c: &ImageCache, p: &ImageProcessor, bytes: &[u8], dtype: WireDtype) -> (Arc<PreparedImage>, bool) {
+        let key = c.key(ImageSource::Bytes(bytes));
+        if let Some(hit) = c.get(&key) {
+            return (hit, true);
+        }
+        let image = Arc::new(PreparedImage::new(p.process_bytes(bytes).unwrap(), dtype, false));
+        c.insert(key, image.clone());
+        (image, false)
+    }
+
+    #[test]
+    fn body_bytes_are_the_old_construction() {
+        let cfg = ImageConfig::default();
+        let processor = ImageProcessor::new(cfg.clone());
+        for dtype in [WireDtype::BFloat16, WireDtype::Float32] {
+            let c = ImageCache::new(64 << 20, settings_fingerprint(&cfg, dtype, false));
+            let (a, b) = (png(1, 120, 90), png(2, 64, 200));
+            let (miss_a, hit) = through_cache(&c, &processor, &a, dtype);
+            assert!(!hit);
+            let (miss_b, _) = through_cache(&c, &processor, &b, dtype);
+            let (hit_a, hit) = through_cache(&c, &processor, &a, dtype);
+            assert!(hit && Arc::ptr_eq(&hit_a, &miss_a));
+            let with_images = vec![miss_a.clone(), miss_b, hit_a];
+            for (images, request) in [
+                (with_images.clone(), json!({"model": "m3", "temperature": 0.5, "top_p": 0.9, "stop": ["\"\n"]})),
+                (with_images, json!({"model": "m3", "n": 2, "seed": 7, "logprobs": true, "top_logprobs": 2})),
+                (vec![miss_a], json!({"model": "m3", "stream": true})),
+                (Vec::new(), json!({"model": "m3", "n": 2, "seed": 3})),
+            ] {
+                let mut request = request;
+                request["messages"] = json!([{"role": "user", "content": "hi"}]);
+                let params = params::parse(&request, Endpoint::Chat, MAX_N).unwrap();
+                let prompt = Prompt { input_ids: vec![1, 2, 3, 70000], images, ..Default::default() };
+                for index in 0..params.n {
+                    let rid = format!("r-{index}");
+                    let old = old_body_bytes(&params, &prompt, 64, &rid, index);
+                    let new = worker_request(&params, &prompt, 64, &rid, index).unwrap();
+                    assert_eq!(new.rid.as_deref(), Some(rid.as_str()));
+                    assert_eq!(new.len(), old.len());
+                    let bytes = new.to_vec();
+                    let (old_v, new_v): (Value, Value) =
+                        (serde_json::from_slice(&old).unwrap(), serde_json::from_slice(&bytes).unwrap());
+                    assert_eq!(new_v, old_v);
+                    assert_eq!(new_v.get("image_data").is_some(), !prompt.images.is_empty());
+                    // Not only the same value: the same bytes.
+                    assert!(bytes == old, "bodies differ for {request}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::tests::old_body_bytes;
+    use super::*;
+    use crate::preprocess::images::{best_of_15_ms, ProcessedImage};
+    use crate::preprocess::{PreparedImage, WireDtype};
+
+    /// A 576-token image (grid 1x48x48) as the cache holds it (bf16 hand-off, ~7.2 MB).
+    fn image(seed: u32) -> Arc<PreparedImage> {
+        let n = 48 * 48 * 1176;
+        let pixel_values =
+            (0..n).map(|i| ((i as u32 ^ seed).wrapping_mul(2654435761) as f32 / u32::MAX as f32) * 4.0 - 2.0).collect();
+        let p = ProcessedImage {
+            pixel_values,
+            grid_thw: [1, 48, 48],
+            resized_hw: (672, 672),
+            original_hw: (1080, 1920),
+            merge_size: 2,
+        };
+        Arc::new(PreparedImage::new(p, WireDtype::BFloat16, false))
+    }
+
+    /// `cargo test --release --lib -- --ignored --nocapture server::generate::timing`: what the
+    /// server does per request from cached images to the `/generate` body bytes (best of 15):
+    /// before (hand-off copied into a `Value`, the body serialized) and now (`worker_request`).
+    #[test]
+    #[ignore]
+    fn image_body_assembly() {
+        let params =
+            params::parse(&json!({"model": "m3", "messages": [], "temperature": 0.7}), Endpoint::Chat, MAX_N).unwrap();
+        let all: Vec<Arc<PreparedImage>> = (0..10).map(image).collect();
+        for k in [0usize, 1, 10] {
+            let images = all[..k].to_vec();
+            let ids: Vec<u32> = (0..k as u32 * 600 + 2000).collect();
+            let prompt = Prompt { input_ids: ids, images, ..Default::default() };
+            let t_old = best_of_15_ms(&mut || drop(old_body_bytes(&params, &prompt, 100, "rid-0", 0)));
+            let t_new = best_of_15_ms(&mut || drop(worker_request(&params, &prompt, 100, "rid-0", 0).unwrap()));
+            let body = worker_request(&params, &prompt, 100, "rid-0", 0).unwrap();
+            let t_flat = best_of_15_ms(&mut || drop(std::hint::black_box(body.to_vec())));
+            eprintln!(
+                "{k} image(s), body {} B: before (Value + to_vec) {t_old:.3} ms, now (GenerateBody) {t_new:.3} ms; \
+                 one memcpy of the body into a fresh buffer {t_flat:.3} ms",
+                body.len()
+            );
+        }
+    }
 }

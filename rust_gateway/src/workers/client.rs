@@ -5,8 +5,88 @@
 //! `--incremental-streaming-output`, each event carries either the whole text so far (default) or
 //! only the new part; [`StreamAccumulator`] turns both into deltas.
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 use std::time::Duration;
+
+/// A `/generate` body, ready to send: the serialized fields, then optionally one array field whose
+/// items are already JSON text held elsewhere (the image hand-off strings, ~7 MB each, shared with
+/// the image cache). Those items are sent as their own body chunks, neither re-escaped nor copied,
+/// so building a body costs the small fields' serialization whatever the images weigh, and a
+/// retry or another choice reuses the chunks. The bytes on the wire are the JSON `serde_json`
+/// writes for the same object with that field last.
+#[derive(Debug, Clone)]
+pub struct GenerateBody {
+    /// The body's `rid` (for aborts).
+    pub rid: Option<String>,
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl GenerateBody {
+    /// `body` serialized as is.
+    pub fn new(body: &Value) -> Result<Self, serde_json::Error> {
+        Self::with_raw_array(body, "", Vec::new())
+    }
+
+    /// `body` plus `key: [items...]` as its last field (none when `items` is empty). Each item must
+    /// be one JSON value's text (checked in debug builds); `key` must not be in `body` already.
+    pub fn with_raw_array(body: &Value, key: &str, items: Vec<Bytes>) -> Result<Self, serde_json::Error> {
+        let rid = body.get("rid").and_then(Value::as_str).map(String::from);
+        let mut head = serde_json::to_vec(body)?;
+        if items.is_empty() {
+            let len = head.len();
+            return Ok(Self { rid, parts: vec![Bytes::from(head)], len });
+        }
+        assert!(body.is_object() && body.get(key).is_none(), "raw field {key:?} needs an object without it");
+        debug_assert!(items.iter().all(|i| serde_json::from_slice::<serde::de::IgnoredAny>(i).is_ok()));
+        head.pop(); // the object's closing brace
+        if head.len() > 1 {
+            head.push(b',');
+        }
+        serde_json::to_writer(&mut head, key)?;
+        head.extend_from_slice(b":[");
+        let mut parts = Vec::with_capacity(2 * items.len() + 1);
+        parts.push(Bytes::from(head));
+        for (k, item) in items.into_iter().enumerate() {
+            if k > 0 {
+                parts.push(Bytes::from_static(b","));
+            }
+            parts.push(item);
+        }
+        parts.push(Bytes::from_static(b"]}"));
+        let len = parts.iter().map(Bytes::len).sum();
+        Ok(Self { rid, parts, len })
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole body in one buffer (copies; for tests and logs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    /// A request body over the shared chunks (a fixed Content-Length is set by the caller).
+    fn http_body(&self) -> reqwest::Body {
+        if let [one] = self.parts.as_slice() {
+            return reqwest::Body::from(one.clone());
+        }
+        // Reference-counted clones: the stream owns its chunks (a retry builds another).
+        let parts: Vec<Bytes> = self.parts.clone();
+        reqwest::Body::wrap_stream(futures_util::stream::iter(parts.into_iter().map(Ok::<Bytes, std::io::Error>)))
+    }
+}
 
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -81,12 +161,17 @@ impl WorkerClient {
     pub async fn generate(
         &self,
         base: &str,
-        body: &Value,
+        body: &GenerateBody,
         deadline: Duration,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        let send =
-            self.http.post(format!("{base}/generate")).header("content-type", "application/json").body(bytes).send();
+        // An explicit length: a body of several chunks would otherwise go out chunked.
+        let send = self
+            .http
+            .post(format!("{base}/generate"))
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(body.http_body())
+            .send();
         let resp = match tokio::time::timeout(deadline, send).await {
             Err(_) => return Err(UpstreamError::Timeout),
             Ok(Err(e)) => return Err(UpstreamError::from_reqwest(e)),
@@ -309,6 +394,57 @@ fn parse_finish(v: &Value) -> Finish {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generate_body_splices_raw_items_last() {
+        let body = json!({"rid": "a", "input_ids": [1, 2], "sampling_params": {"stop": ["\"\n"]}});
+        let items = vec![Bytes::from_static(b"\"x\""), Bytes::from_static(b"\"y z\""), Bytes::from_static(b"[1]")];
+        let b = GenerateBody::with_raw_array(&body, "image_data", items).unwrap();
+        let mut want = body.clone();
+        want["image_data"] = json!(["x", "y z", [1]]);
+        assert_eq!(b.to_vec(), serde_json::to_vec(&want).unwrap());
+        assert_eq!((b.rid.as_deref(), b.len()), (Some("a"), b.to_vec().len()));
+        // No items: no field, one chunk; an empty object gets no stray comma.
+        let plain = GenerateBody::with_raw_array(&body, "image_data", Vec::new()).unwrap();
+        assert_eq!(plain.to_vec(), serde_json::to_vec(&body).unwrap());
+        let only = GenerateBody::with_raw_array(&json!({}), "k", vec![Bytes::from_static(b"1")]).unwrap();
+        assert_eq!(only.to_vec(), b"{\"k\":[1]}");
+        assert_eq!(only.rid, None);
+    }
+
+    /// The chunks reach the worker as one body with a Content-Length (not chunked), byte for byte.
+    #[tokio::test]
+    async fn generate_sends_the_chunks_with_a_length() {
+        use axum::http::HeaderMap;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(HeaderMap, Bytes)>();
+        let app = axum::Router::new()
+            .route(
+                "/generate",
+                axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send((headers, body));
+                        "{}"
+                    }
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let big = Bytes::from(format!("\"{}\"", "A".repeat(3 << 20)));
+        let body = json!({"rid": "r", "input_ids": [5]});
+        let client = WorkerClient::new(Duration::from_secs(5));
+        for items in [vec![big.clone(), Bytes::from_static(b"\"b\"")], Vec::new()] {
+            let g = GenerateBody::with_raw_array(&body, "image_data", items).unwrap();
+            let resp = client.generate(&format!("http://{addr}"), &g, Duration::from_secs(30)).await.unwrap();
+            assert!(resp.status().is_success());
+            let (headers, got) = rx.recv().await.unwrap();
+            assert_eq!(got.as_ref(), g.to_vec().as_slice());
+            assert_eq!(headers.get("content-length").unwrap().to_str().unwrap(), g.len().to_string());
+            assert!(headers.get("transfer-encoding").is_none());
+        }
+    }
 
     #[test]
     fn sse_decoder_handles_split_events() {
