@@ -42,6 +42,13 @@ def gateway_command(
     ]
 
 
+def _non_negative_mib(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a size in MiB, 0 or more (got {text})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="m3serve gateway",
@@ -70,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-cache-mb",
-        type=float,
+        type=_non_negative_mib,
         default=256.0,
         help="MiB of preprocessed images kept so a resent image is not decoded again (0 disables)",
     )

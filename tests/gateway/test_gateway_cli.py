@@ -43,9 +43,12 @@ def test_flags_become_config():
             "app=w",
             "--k8s-namespace",
             "ns",
+            "--image-cache-mb",
+            "1.5",
         ]
     )
     cfg = config_from_args(args)
+    assert cfg["image_cache_bytes"] == 1536 * 1024
     assert cfg["worker_urls"] == ["http://w:1"] and cfg["api_keys"] == ["a", "b"]
     assert cfg["max_body_bytes"] == 1024 * 1024
     assert cfg["kubernetes"]["label_selector"] == "app=w" and cfg["kubernetes"]["namespace"] == "ns"
@@ -73,6 +76,9 @@ def test_main_refuses_bad_arguments(capsys, tmp_path):
         == 1
     )
     assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a negative cache size is named
+        main(["--worker-urls", "http://w:1", "--image-cache-mb", "-1"])
+    assert "--image-cache-mb" in capsys.readouterr().err
     assert main(["--worker-urls", "http://w:1", "--tokenizer-mode", "bytes", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["tokenizer_mode"] == "bytes"
 
