@@ -229,11 +229,12 @@ impl Preprocessor {
 
     /// Same as [`Self::prepare_chat`] for callers without an async runtime (tests, benchmarks).
     pub fn prepare_chat_blocking(&self, body: &Value) -> Result<PreparedPrompt, PreprocessError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| PreprocessError::Internal(format!("tokio runtime: {e}")))?;
-        rt.block_on(self.prepare_chat(body))
+        block_on(self.prepare_chat(body))?
+    }
+
+    /// [`Self::prepare_images`] for callers outside an async runtime (the Python binding).
+    pub fn prepare_images_blocking(&self, urls: &[String]) -> Result<Vec<Arc<PreparedImage>>, PreprocessError> {
+        block_on(self.prepare_images(urls))?
     }
 
     /// A `/v1/completions` body: `prompt` as a string (tokenized with the tokenizer's own special
@@ -423,4 +424,13 @@ fn max_position_embeddings(dir: &Path) -> Option<usize> {
     let v: Value = serde_json::from_str(&text).ok()?;
     let get = |o: &Value| o.get("max_position_embeddings").and_then(Value::as_u64);
     get(&v).or_else(|| v.get("text_config").and_then(get)).map(|n| n as usize)
+}
+
+/// Run `fut` to completion on a fresh single-thread runtime (for callers outside one).
+fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, PreprocessError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PreprocessError::Internal(format!("tokio runtime: {e}")))?;
+    Ok(rt.block_on(fut))
 }

@@ -188,15 +188,7 @@ impl PyPreprocessor {
     /// `prepare_images(urls) -> [(t, h, w)]`: the images of a request (data: or http(s) URLs)
     /// fetched and prepared as `prepare_chat` does, through the image cache; for benchmarks.
     fn prepare_images(&self, py: Python<'_>, urls: Vec<String>) -> PyResult<Vec<(u32, u32, u32)>> {
-        let images = py
-            .allow_threads(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| PreprocessError::Internal(format!("tokio runtime: {e}")))?;
-                rt.block_on(self.inner.prepare_images(&urls))
-            })
-            .map_err(to_py_err)?;
+        let images = py.allow_threads(|| self.inner.prepare_images_blocking(&urls)).map_err(to_py_err)?;
         Ok(images.iter().map(|i| (i.grid_thw[0], i.grid_thw[1], i.grid_thw[2])).collect())
     }
 

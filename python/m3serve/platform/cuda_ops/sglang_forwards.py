@@ -30,7 +30,14 @@ def _triton_can_run(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.is_cuda or interpreted for t in tensors)
 
 
+_noted: set[str] = set()
+
+
 def _note_first_use(kind: str) -> None:
+    # Once per kind and process: these forwards run several times per layer, so the hot path pays a set lookup.
+    if kind in _noted:
+        return
+    _noted.add(kind)
     from m3serve.plugin import marker
 
     marker.record(f"fused_{kind}", f"portable CUDA platform: {kind} runs as one Triton kernel")
