@@ -13,16 +13,20 @@ use std::sync::Arc;
 /// Reads the prepared-image cache's own counters at scrape time (its hot path stays two atomics).
 pub type ImageCacheSource = Box<dyn Fn() -> ImageCacheStats + Send + Sync>;
 
-/// `m3gw_image_cache_*`: hits, misses and evictions (counters), bytes, entries and the bound (gauges).
+/// `m3gw_image_cache_*`: hits, misses, coalesced waits and evictions (counters), bytes, entries and the bound (gauges).
 struct ImageCacheCollector {
     source: ImageCacheSource,
     descs: Vec<Desc>,
 }
 
 impl ImageCacheCollector {
-    const COUNTERS: [(&'static str, &'static str); 3] = [
+    const COUNTERS: [(&'static str, &'static str); 4] = [
         ("m3gw_image_cache_hits_total", "Images served from the prepared-image cache (no decode, resize or encode)"),
         ("m3gw_image_cache_misses_total", "Images looked up in the prepared-image cache and not found"),
+        (
+            "m3gw_image_cache_coalesced_total",
+            "Images another request was already preparing: waited for its result instead of decoding again",
+        ),
         ("m3gw_image_cache_evictions_total", "Images evicted from the prepared-image cache to stay within its bound"),
     ];
     const GAUGES: [(&'static str, &'static str); 3] = [
@@ -51,7 +55,7 @@ impl Collector for ImageCacheCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let s = (self.source)();
         let mut out = Vec::new();
-        for ((name, help), v) in Self::COUNTERS.into_iter().zip([s.hits, s.misses, s.evictions]) {
+        for ((name, help), v) in Self::COUNTERS.into_iter().zip([s.hits, s.misses, s.coalesced, s.evictions]) {
             let c = IntCounter::new(name, help).expect("metric");
             c.inc_by(v);
             out.extend(c.collect());
@@ -222,13 +226,22 @@ mod tests {
         let text = m.render(&[]);
         assert!(text.contains("m3gw_image_cache_hits_total 0"), "{text}");
         assert!(text.contains("m3gw_image_cache_max_bytes 268435456"), "{text}");
-        *stats.lock().unwrap() =
-            ImageCacheStats { hits: 3, misses: 2, evictions: 1, bytes: 4096, entries: 1, max_bytes: 1 << 28 };
+        *stats.lock().unwrap() = ImageCacheStats {
+            hits: 3,
+            misses: 2,
+            coalesced: 5,
+            evictions: 1,
+            bytes: 4096,
+            entries: 1,
+            max_bytes: 1 << 28,
+        };
         let text = m.render(&[]);
         for line in [
             "# TYPE m3gw_image_cache_hits_total counter",
             "m3gw_image_cache_hits_total 3",
             "m3gw_image_cache_misses_total 2",
+            "# TYPE m3gw_image_cache_coalesced_total counter",
+            "m3gw_image_cache_coalesced_total 5",
             "m3gw_image_cache_evictions_total 1",
             "# TYPE m3gw_image_cache_bytes gauge",
             "m3gw_image_cache_bytes 4096",

@@ -1,7 +1,8 @@
 """The prepared-image cache (rust_gateway/src/preprocess/image_cache.rs): a resent image gives exactly
 the hand-off, ids and pixels of its first preparation, counted as a hit; the key follows the content
-(an http URL whose body changed is prepared again), failures are never cached, 0 disables it, and the
-gateway exports the counters in /metrics.
+(an http URL whose body changed is prepared again), failures are never cached, requests bringing the
+same new image at once decode it once (single flight), 0 disables it, and the gateway exports the
+counters in /metrics.
 
 No timings are asserted; the benchmark (benchmarks/preprocess/bench_image_cache.py) measures them.
 """
@@ -108,11 +109,42 @@ def test_disabled_cache_never_stores(tiny_checkpoint):
     assert pre.image_cache_stats() == {
         "hits": 0,
         "misses": 0,
+        "coalesced": 0,
         "evictions": 0,
         "bytes": 0,
         "entries": 0,
         "max_bytes": 0,
     }
+
+
+def test_concurrent_requests_for_a_new_image_decode_it_once(tiny_checkpoint):
+    # Agent sessions started together, each with the same first screenshot. A large PNG, so its
+    # decode (tens of ms) outlasts the threads' start: without single flight each would miss.
+    n = 8
+    pre = fresh_preprocessor(tiny_checkpoint)
+    url = data_url(png_bytes(30, 1600, 1200))
+    start = threading.Barrier(n)
+    grids: list = [None] * n
+
+    def request(i: int) -> None:
+        start.wait()
+        grids[i] = pre.prepare_images([url])  # releases the GIL while it works
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a request never came back"
+    stats = pre.image_cache_stats()
+    print(stats)  # informational: how many waited rather than arrived after the decode
+    assert stats["misses"] == 1, stats  # one decode
+    assert stats["hits"] + stats["coalesced"] == n - 1 and stats["entries"] == 1, stats
+    assert all(g == grids[0] for g in grids) and grids[0]
+    # The result everyone shared is what a preprocessor without a cache computes.
+    shared = pre.prepare_chat(json.dumps(body(url)))
+    uncached = fresh_preprocessor(tiny_checkpoint, image_cache_bytes=0).prepare_chat(json.dumps(body(url)))
+    assert shared["worker_image_data"] == uncached["worker_image_data"]
 
 
 def test_small_bound_evicts(tiny_checkpoint):
@@ -196,6 +228,7 @@ def test_gateway_sends_the_same_handoff_and_counts_hits(fake_workers, start_gate
     chat_through(gw, body(url, text="And now?"))
     assert gw.metric("m3gw_image_cache_hits_total") == 1
     assert gw.metric("m3gw_image_cache_misses_total") == 1
+    assert gw.metric("m3gw_image_cache_coalesced_total") == 0
     first, second = w.requests[-2]["image_data"], w.requests[-1]["image_data"]
     assert len(first) == 1 and first[0].startswith("data:application/x-m3serve-pixels;v=1;dtype=bfloat16;")
     assert second == first
@@ -214,5 +247,5 @@ def test_gateway_flag_disables_the_cache(fake_workers, start_gateway, tiny_check
     chat_through(gw, body(url))
     chat_through(gw, body(url))
     assert w.requests[-1]["image_data"] == w.requests[-2]["image_data"]
-    for name in ("hits_total", "misses_total", "entries", "bytes", "max_bytes"):
+    for name in ("hits_total", "misses_total", "coalesced_total", "entries", "bytes", "max_bytes"):
         assert gw.metric(f"m3gw_image_cache_{name}") == 0, name

@@ -16,10 +16,16 @@
 //! larger than the whole bound is not stored; 0 disables the cache (nothing is hashed or stored).
 //! One mutex around a hash map and a recency index; it is held for a lookup or an insert only
 //! (never while an image is processed), and evicted images are freed after it is released.
+//!
+//! Single flight ([`ImageCache::get_or_prepare`]): when several requests bring the same new image
+//! at once (agent sessions started together, one screenshot each), the first prepares it and the
+//! others wait for its result instead of each decoding it again. The images being prepared are
+//! registered under the same mutex as the cached ones, so a request sees either the stored image
+//! or the preparation in flight, never neither between the two.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use super::handoff::{PreparedImage, WireDtype};
 use super::images::{ImageConfig, ResizePolicy};
@@ -36,11 +42,14 @@ pub enum ImageSource<'a> {
     Bytes(&'a [u8]),
 }
 
-/// Counters, for metrics and tests.
+/// Counters, for metrics and tests. Every image asked for is one of: a hit, a miss (it was
+/// prepared: one decode each) or a coalesced wait (another request was preparing it).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ImageCacheStats {
     pub hits: u64,
     pub misses: u64,
+    /// Requests that waited for another's preparation of the same image instead of decoding it.
+    pub coalesced: u64,
     pub evictions: u64,
     /// Bytes held now.
     pub bytes: u64,
@@ -60,6 +69,33 @@ struct Entry {
 /// Bookkeeping per image beyond `PreparedImage::size_bytes`: its map slot and recency slot.
 const ENTRY_OVERHEAD: usize = std::mem::size_of::<(ImageKey, Entry)>() + std::mem::size_of::<(u64, ImageKey)>();
 
+/// What an image's preparation gave, as its waiters receive it.
+type Prepared = Result<Arc<PreparedImage>, String>;
+
+/// One image being prepared: its leader publishes the result here, its waiters block on `done`.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Prepared>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn publish(&self, result: Prepared) {
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Prepared {
+        let mut slot = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(result) = slot.as_ref() {
+                return result.clone();
+            }
+            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Lru {
     map: HashMap<ImageKey, Entry>,
@@ -67,6 +103,50 @@ struct Lru {
     order: BTreeMap<u64, ImageKey>,
     tick: u64,
     bytes: usize,
+    /// Images being prepared now (not in `map` yet), with the slot their result goes to.
+    in_flight: HashMap<ImageKey, Arc<Flight>>,
+}
+
+impl Lru {
+    /// The image under `key`, marked as the most recently used.
+    fn touch(&mut self, key: &ImageKey) -> Option<Arc<PreparedImage>> {
+        self.tick += 1;
+        let entry = self.map.get_mut(key)?;
+        self.order.remove(&entry.tick);
+        entry.tick = self.tick;
+        self.order.insert(self.tick, *key);
+        Some(entry.image.clone())
+    }
+}
+
+/// Held by the thread preparing an image: when dropped (after `prepare` returned, or while it
+/// unwinds from a panic) it stores a success, ends the flight and wakes the waiters.
+struct Leader<'a> {
+    cache: &'a ImageCache,
+    key: ImageKey,
+    flight: Arc<Flight>,
+    /// `None` while preparing; still `None` when dropped by a panic.
+    result: Option<Prepared>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        // A panic in the decoder reaches the waiters as an error rather than a retry: the same
+        // bytes under the same settings would most likely panic again, one waiter after another.
+        let result = self.result.take().unwrap_or_else(|| Err("preparing the image failed unexpectedly".to_string()));
+        let mut evicted = Vec::new();
+        {
+            let mut lru = self.cache.lru.lock().unwrap_or_else(PoisonError::into_inner);
+            // Stored and out of `in_flight` under one lock: a request arriving now finds the image.
+            if let Ok(image) = &result {
+                self.cache.insert_locked(&mut lru, self.key, image.clone(), &mut evicted);
+            }
+            lru.in_flight.remove(&self.key);
+        }
+        // Evicted images are freed outside the lock, as in `insert`.
+        drop(evicted);
+        self.flight.publish(result);
+    }
 }
 
 /// The cache; `Sync`, shared by all requests of a preprocessor.
@@ -77,6 +157,7 @@ pub struct ImageCache {
     lru: Mutex<Lru>,
     hits: AtomicU64,
     misses: AtomicU64,
+    coalesced: AtomicU64,
     evictions: AtomicU64,
 }
 
@@ -118,6 +199,7 @@ impl ImageCache {
             lru: Mutex::new(Lru::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
     }
@@ -143,50 +225,114 @@ impl ImageCache {
         if !self.enabled() {
             return None;
         }
-        let found = self.lru.lock().ok().and_then(|mut lru| {
-            let lru = &mut *lru;
-            lru.tick += 1;
-            let entry = lru.map.get_mut(key)?;
-            lru.order.remove(&entry.tick);
-            entry.tick = lru.tick;
-            lru.order.insert(lru.tick, *key);
-            Some(entry.image.clone())
-        });
+        let found = self.lru.lock().ok().and_then(|mut lru| lru.touch(key));
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
 
+    /// The image under `key` if it is cached, counted as a hit; a miss is not counted, because the
+    /// caller goes on to [`Self::get_or_prepare`], which counts what happens next. For a lookup
+    /// before work that a hit skips (the base64 decode of a `data:` URL).
+    pub fn get_cached(&self, key: &ImageKey) -> Option<Arc<PreparedImage>> {
+        if !self.enabled() {
+            return None;
+        }
+        let found = self.lru.lock().ok().and_then(|mut lru| lru.touch(key));
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// The image under `key`: the cached one (a hit); else the one another thread is preparing now,
+    /// waited for (coalesced: its error too, if it fails); else `prepare`'s, run here and stored on
+    /// success (a miss; errors are not stored, so the next request tries again). Blocks, so call it
+    /// off the async threads. When disabled it only runs `prepare` (nothing is stored to share).
+    pub fn get_or_prepare(&self, key: ImageKey, prepare: impl FnOnce() -> Prepared) -> Prepared {
+        if !self.enabled() {
+            return prepare();
+        }
+        enum Role {
+            Lead(Arc<Flight>),
+            Wait(Arc<Flight>),
+        }
+        let role = {
+            let Ok(mut lru) = self.lru.lock() else {
+                // Poisoned by a panic under the lock: work uncached rather than trust its state.
+                return prepare();
+            };
+            if let Some(hit) = lru.touch(&key) {
+                drop(lru);
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(hit);
+            }
+            match lru.in_flight.get(&key) {
+                Some(flight) => Role::Wait(flight.clone()),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    lru.in_flight.insert(key, flight.clone());
+                    Role::Lead(flight)
+                }
+            }
+        };
+        match role {
+            Role::Wait(theirs) => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                theirs.wait()
+            }
+            Role::Lead(ours) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                let mut leader = Leader { cache: self, key, flight: ours, result: None };
+                let result = prepare();
+                leader.result = Some(result.clone());
+                drop(leader);
+                result
+            }
+        }
+    }
+
     /// Store a successfully prepared image (evicting the least recently used ones to stay within
     /// the bound); no-op when disabled or when the image alone exceeds the bound.
     pub fn insert(&self, key: ImageKey, image: Arc<PreparedImage>) {
+        let mut evicted = Vec::new();
+        if let Ok(mut lru) = self.lru.lock() {
+            self.insert_locked(&mut lru, key, image, &mut evicted);
+        }
+        // `evicted` (possibly megabytes each) is freed here, after the lock is released.
+        drop(evicted);
+    }
+
+    /// [`Self::insert`] under the caller's lock; the evicted images go to `evicted`, to be freed
+    /// after the lock is released.
+    fn insert_locked(
+        &self,
+        lru: &mut Lru,
+        key: ImageKey,
+        image: Arc<PreparedImage>,
+        evicted: &mut Vec<Arc<PreparedImage>>,
+    ) {
         let size = image.size_bytes() + ENTRY_OVERHEAD;
         if !self.enabled() || size > self.max_bytes {
             return;
         }
-        let mut evicted = Vec::new();
-        if let Ok(mut lru) = self.lru.lock() {
-            let lru = &mut *lru;
-            lru.tick += 1;
-            let tick = lru.tick;
-            if let Some(old) = lru.map.insert(key, Entry { image, size, tick }) {
-                lru.order.remove(&old.tick);
-                lru.bytes -= old.size;
-                evicted.push(old.image);
-            }
-            lru.order.insert(tick, key);
-            lru.bytes += size;
-            while lru.bytes > self.max_bytes {
-                let Some((_, oldest)) = lru.order.pop_first() else { break };
-                if let Some(e) = lru.map.remove(&oldest) {
-                    lru.bytes -= e.size;
-                    evicted.push(e.image);
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                }
+        lru.tick += 1;
+        let tick = lru.tick;
+        if let Some(old) = lru.map.insert(key, Entry { image, size, tick }) {
+            lru.order.remove(&old.tick);
+            lru.bytes -= old.size;
+            evicted.push(old.image);
+        }
+        lru.order.insert(tick, key);
+        lru.bytes += size;
+        while lru.bytes > self.max_bytes {
+            let Some((_, oldest)) = lru.order.pop_first() else { break };
+            if let Some(e) = lru.map.remove(&oldest) {
+                lru.bytes -= e.size;
+                evicted.push(e.image);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
-        // `evicted` (possibly megabytes each) is freed here, after the lock is released.
-        drop(evicted);
     }
 
     pub fn stats(&self) -> ImageCacheStats {
@@ -194,6 +340,7 @@ impl ImageCache {
         ImageCacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             bytes,
             entries,
@@ -360,6 +507,193 @@ mod tests {
         let s = c.stats();
         assert_eq!(s.hits + s.misses, 2000);
         assert!(s.bytes as usize <= 2 * one + 1 && s.entries <= 2, "{s:?}");
+    }
+
+    /// Waits (up to 10 s) until `n` threads wait on `c`'s preparation: a slow `prepare` that is
+    /// still running when all the others have arrived, whatever the scheduler does.
+    fn until_coalesced(c: &ImageCache, n: u64) {
+        let start = std::time::Instant::now();
+        while c.stats().coalesced < n && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Runs `f(i)` on `n` threads started together; their results in thread order, or a panic
+    /// if one of them is not back within 20 s (a waiter nobody wakes).
+    fn on_threads<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+        let f = Arc::new(f);
+        let barrier = Arc::new(std::sync::Barrier::new(n));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..n {
+            let (f, barrier, tx) = (f.clone(), barrier.clone(), tx.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let _ = tx.send((i, f(i)));
+            });
+        }
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let (i, r) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a thread never came back");
+            out[i] = Some(r);
+        }
+        out.into_iter().map(Option::unwrap).collect()
+    }
+
+    #[test]
+    fn concurrent_requests_for_a_new_image_prepare_it_once() {
+        const N: usize = 8;
+        let cfg = ImageConfig::default();
+        let c = Arc::new(cache(64 << 20, &cfg));
+        let bytes = png(30, 96, 64);
+        let image = prepare(&cfg, &bytes, WireDtype::BFloat16);
+        let key = c.key(ImageSource::Bytes(&bytes));
+        // The fast lookup before a fetch counts a hit only: its miss is counted by what follows.
+        assert!(c.get_cached(&key).is_none());
+        assert_eq!(c.stats().misses, 0);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let results = on_threads(N, {
+            let (c, calls) = (c.clone(), calls.clone());
+            move |_| {
+                c.get_or_prepare(key, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    until_coalesced(&c, N as u64 - 1);
+                    // A new allocation per call, so `ptr_eq` below tells whose result each got.
+                    Ok(Arc::new(image.clone()))
+                })
+            }
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the image was prepared more than once");
+        let first = results[0].as_ref().unwrap();
+        for r in &results {
+            assert!(Arc::ptr_eq(r.as_ref().unwrap(), first));
+        }
+        let s = c.stats();
+        assert_eq!((s.misses, s.coalesced, s.hits, s.entries), (1, N as u64 - 1, 0, 1), "{s:?}");
+        // Afterwards it is an ordinary hit, and nothing is left in flight.
+        let hit = c.get_or_prepare(key, || panic!("prepared again")).unwrap();
+        assert!(Arc::ptr_eq(&hit, first));
+        assert!(Arc::ptr_eq(&c.get_cached(&key).unwrap(), first));
+        assert_eq!(c.stats().hits, 2);
+        assert!(c.lru.lock().unwrap().in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_failed_preparation_reaches_every_waiter_and_is_not_cached() {
+        const N: usize = 8;
+        let cfg = ImageConfig::default();
+        let c = Arc::new(cache(64 << 20, &cfg));
+        let key = c.key(ImageSource::DataUrl("data:image/png;base64,iVBORw0K"));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let results = on_threads(N, {
+            let (c, calls) = (c.clone(), calls.clone());
+            move |_| {
+                c.get_or_prepare(key, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    until_coalesced(&c, N as u64 - 1);
+                    Err("truncated PNG".to_string())
+                })
+            }
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        for r in &results {
+            assert_eq!(r.as_ref().unwrap_err(), "truncated PNG");
+        }
+        let s = c.stats();
+        assert_eq!((s.misses, s.coalesced, s.entries, s.bytes), (1, N as u64 - 1, 0, 0), "{s:?}");
+        // The next request tries again (and may succeed: errors are never cached).
+        let image = Arc::new(prepare(&cfg, &png(31, 64, 64), WireDtype::BFloat16));
+        let again = c.get_or_prepare(key, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(image.clone())
+        });
+        assert!(Arc::ptr_eq(&again.unwrap(), &image));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_panicking_leader_releases_its_waiters() {
+        const N: usize = 6;
+        let cfg = ImageConfig::default();
+        let c = Arc::new(cache(64 << 20, &cfg));
+        let key = c.key(ImageSource::Bytes(b"bytes that crash the decoder"));
+        let results = on_threads(N, {
+            let c = c.clone();
+            move |_| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    c.get_or_prepare(key, || {
+                        until_coalesced(&c, N as u64 - 1);
+                        panic!("decoder bug (expected by this test)")
+                    })
+                }))
+            }
+        });
+        // One leader panicked; every waiter came back with an error (on_threads would have
+        // timed out on one left waiting).
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        for r in results.iter().filter_map(|r| r.as_ref().ok()) {
+            assert!(r.as_ref().unwrap_err().contains("failed unexpectedly"), "{r:?}");
+        }
+        assert_eq!(c.stats().coalesced, N as u64 - 1);
+        assert!(c.lru.lock().unwrap().in_flight.is_empty());
+        // The key is not stuck: the next request prepares it.
+        let image = Arc::new(prepare(&cfg, &png(32, 64, 64), WireDtype::BFloat16));
+        assert!(Arc::ptr_eq(&c.get_or_prepare(key, || Ok(image.clone())).unwrap(), &image));
+        assert_eq!(c.stats().entries, 1);
+    }
+
+    #[test]
+    fn different_images_are_prepared_in_parallel() {
+        let cfg = ImageConfig::default();
+        let c = Arc::new(cache(64 << 20, &cfg));
+        let images: Arc<Vec<(ImageKey, Arc<PreparedImage>)>> = Arc::new(
+            (0..2)
+                .map(|i| {
+                    let b = png(40 + i, 64, 64);
+                    (c.key(ImageSource::Bytes(&b)), Arc::new(prepare(&cfg, &b, WireDtype::BFloat16)))
+                })
+                .collect(),
+        );
+        let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let results = on_threads(2, {
+            let (c, images, inside) = (c.clone(), images.clone(), inside.clone());
+            move |i| {
+                let mut overlapped = false;
+                let image = c
+                    .get_or_prepare(images[i].0, || {
+                        // Each preparation waits (10 s at most) to see the other one running.
+                        inside.fetch_add(1, Ordering::SeqCst);
+                        let start = std::time::Instant::now();
+                        while !overlapped && start.elapsed() < std::time::Duration::from_secs(10) {
+                            overlapped = inside.load(Ordering::SeqCst) == 2;
+                            std::thread::yield_now();
+                        }
+                        Ok(images[i].1.clone())
+                    })
+                    .unwrap();
+                (overlapped, Arc::ptr_eq(&image, &images[i].1))
+            }
+        });
+        assert_eq!(results, vec![(true, true); 2], "one image's preparation waited for the other's");
+        let s = c.stats();
+        assert_eq!((s.misses, s.coalesced, s.entries), (2, 0, 2), "{s:?}");
+    }
+
+    #[test]
+    fn disabled_cache_runs_every_preparation() {
+        let cfg = ImageConfig::default();
+        let c = cache(0, &cfg);
+        let key = c.key(ImageSource::Bytes(b"x"));
+        let image = Arc::new(prepare(&cfg, &png(50, 64, 64), WireDtype::BFloat16));
+        let mut calls = 0;
+        for _ in 0..2 {
+            let got = c.get_or_prepare(key, || {
+                calls += 1;
+                Ok(image.clone())
+            });
+            assert!(Arc::ptr_eq(&got.unwrap(), &image));
+        }
+        assert_eq!(calls, 2);
+        assert_eq!(c.stats(), ImageCacheStats::default());
     }
 }
 

@@ -300,7 +300,7 @@ impl Preprocessor {
             let cache = &self.image_cache;
             // A data: URL is keyed by its text, so a repeated one skips even the base64 decode.
             let data_key = (cache.enabled() && url.starts_with("data:")).then(|| cache.key(ImageSource::DataUrl(url)));
-            if let Some(hit) = data_key.as_ref().and_then(|k| cache.get(k)) {
+            if let Some(hit) = data_key.as_ref().and_then(|k| cache.get_cached(k)) {
                 return Ok(hit);
             }
             let bytes = self.fetcher.fetch(url).await.map_err(|message| {
@@ -316,16 +316,13 @@ impl Preprocessor {
             // like the decode), never by its URL alone.
             let prepare = move || -> Result<Arc<PreparedImage>, String> {
                 let key = data_key.or_else(|| cache.enabled().then(|| cache.key(ImageSource::Bytes(&bytes))));
-                if data_key.is_none() {
-                    if let Some(hit) = key.as_ref().and_then(|k| cache.get(k)) {
-                        return Ok(hit);
-                    }
+                let process = || Ok(Arc::new(PreparedImage::new(processor.process_bytes(&bytes)?, dtype, keep)));
+                match key {
+                    // Requests bringing the same new image at once decode it once: the first
+                    // prepares it, the others wait for its result (this is a blocking thread).
+                    Some(key) => cache.get_or_prepare(key, process),
+                    None => process(),
                 }
-                let image = Arc::new(PreparedImage::new(processor.process_bytes(&bytes)?, dtype, keep));
-                if let Some(key) = key {
-                    cache.insert(key, image.clone());
-                }
-                Ok(image)
             };
             let prepared = match tokio::runtime::Handle::try_current() {
                 // CPU work off the async worker threads.

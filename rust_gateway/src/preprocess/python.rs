@@ -192,12 +192,14 @@ impl PyPreprocessor {
         Ok(images.iter().map(|i| (i.grid_thw[0], i.grid_thw[1], i.grid_thw[2])).collect())
     }
 
-    /// Counters of the prepared-image cache: hits, misses, evictions, bytes, entries, max_bytes.
+    /// Counters of the prepared-image cache: hits, misses, coalesced (waits for another thread's
+    /// preparation of the same image), evictions, bytes, entries, max_bytes.
     fn image_cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.image_cache().stats();
         let d = PyDict::new(py);
         d.set_item("hits", s.hits)?;
         d.set_item("misses", s.misses)?;
+        d.set_item("coalesced", s.coalesced)?;
         d.set_item("evictions", s.evictions)?;
         d.set_item("bytes", s.bytes)?;
         d.set_item("entries", s.entries)?;
