@@ -86,3 +86,24 @@ def sparse_attention(
         module = "decode_attention" if plan.is_decode else "extend_attention"
         return _kernel(module, "sparse_attention")(plan, q, k_cache, v_cache, selected, scale, k_scale, v_scale)
     return reference.sparse_attention_paged(plan, q, k_cache, v_cache, selected, scale, k_scale, v_scale)
+
+
+def dense_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float | None = None,
+    max_len: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense decode attention over each request's slot list (M3's full-attention layers): [B, Hq, D] in q's
+    dtype. On GPU a chunk of slots that several requests share (a cached prefix) is read once for all of them.
+    `max_len` bounds every request's length (the kernel's grid depends on it, not on the data, so the call
+    captures into a CUDA graph); by default it is read from kv_indptr, a device-to-host copy."""
+    if _use_triton(backend, q, k_cache):
+        if max_len is None:
+            max_len = int((kv_indptr[1 : q.shape[0] + 1] - kv_indptr[: q.shape[0]]).max().item()) if q.shape[0] else 1
+        return _kernel("dense_decode", "dense_decode")(q, k_cache, v_cache, kv_indptr, kv_indices, scale, max_len)
+    return reference.dense_decode(q, k_cache, v_cache, kv_indptr, kv_indices, scale)

@@ -8,6 +8,7 @@ for other SGLang deployments. When active it registers, through SGLang's HookReg
   * the sparse-index KV pool allowed on the portable platform;
   * the SwiGLU-OAI gate/up layout fix in the torch-native MoE;
   * the dense layers' prefill/extend on FlashAttention-2 where SGLang's Triton backend serves them (CUDA);
+  * the dense layers' decode on msa_kernels' shared-prefix kernel (a prefix shared by the batch read once);
   * the image hand-off hooks of m3serve.plugin.mm_handoff, when that module exists.
 
 SGLang swallows exceptions raised by plugins (and logs them before logging is configured), so a
@@ -22,7 +23,7 @@ import os
 import pkgutil
 import sys
 
-from . import compile_log, dense_extend, kv_pool, marker, moe_layout, sparse_attention
+from . import compile_log, dense_decode, dense_extend, kv_pool, marker, moe_layout, sparse_attention
 from .version import SUPPORTED_SGLANG, UnsupportedSGLangError, check_sglang_version
 
 PLUGIN_ENV = "M3SERVE_M3_PLUGIN"
@@ -41,6 +42,7 @@ def hooks():
         (kv_pool.TARGET, kv_pool.allow_sparse_kv_pool, "AROUND"),
         (moe_layout.TARGET, moe_layout.fix_moe_layout, "AROUND"),
         (dense_extend.TARGET, dense_extend.flash_extend, "AROUND"),
+        (dense_decode.TARGET, dense_decode.install_shared_decode, "AFTER"),
         (sparse_attention.INIT_TARGET, sparse_attention.check_backend, "AFTER"),
         (sparse_attention.EXTEND_TARGET, sparse_attention.sparse_forward_extend, "REPLACE"),
         (sparse_attention.DECODE_TARGET, sparse_attention.sparse_forward_decode, "REPLACE"),
