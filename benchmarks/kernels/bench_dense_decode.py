@@ -207,11 +207,8 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # the object API, not pyplot: pyplot probes IPython, which the GPU bundle stubs out
+        from matplotlib.figure import Figure
     except Exception:  # noqa: BLE001 - the plot is optional on machines without matplotlib
         return
     rows = [r for r in data["rows"] if r["batch"] == 8 and r["prefix"]]
@@ -219,7 +216,8 @@ def plot(data: dict, path: Path) -> None:
         return
     rows.sort(key=lambda r: r["prefix"])
     x = [r["prefix"] / 1000 for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig = Figure(figsize=(6.4, 4))
+    ax = fig.subplots()
     ax.plot(x, [r["sglang_us"] for r in rows], "o-", label="SGLang Triton decode")
     ax.plot(x, [r["ours_us"] for r in rows], "o-", label="ours (shared-prefix)")
     ax.plot(x, [r["per_request_bound_us"] for r in rows], "--", label="bytes bound, prefix read per request")

@@ -24,6 +24,8 @@ of B*P + sum(T_r), plus the partials (B x Hq x chunks x (D + 1) fp32 written and
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -75,10 +77,52 @@ def _leaders_kernel(kv_indptr, kv_indices, leader, B, NCH, CHUNK: tl.constexpr, 
 
 
 @triton.jit
+def _attend_tile(Q, K, V, kv_indices, PO, PL, qk_scale, start_r, lo, hi, h, c, t0, n_members, is_member, rank, s_ids,
+                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_ob, stride_oh, stride_oc, stride_lb, stride_lh,
+                 G: tl.constexpr, MT: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Members t0 .. t0+MT-1 (by rank) of chunk c: their G heads of KV head h as one tile of MT*G query rows,
+    over keys lo .. hi-1 of the leader's slot list; writes each member's normalized partial and log2-sum-exp."""
+    offs_d = tl.arange(0, D)
+    heads = h * G + tl.arange(0, G)
+    # The members of this tile, by rank: request ids [MT] (0 where the tile runs past the members).
+    j = t0 + tl.arange(0, MT)
+    pick = (rank[None, :] == j[:, None]) & is_member[None, :]
+    req = tl.sum(tl.where(pick, s_ids[None, :], 0), 1).to(tl.int64)
+    valid = j < n_members
+    q_ptr = Q + req[:, None, None] * stride_qb + heads[None, :, None] * stride_qh + offs_d[None, None, :]
+    q = tl.reshape(tl.load(q_ptr, mask=valid[:, None, None], other=0.0), (MT * G, D))
+    m_i = tl.full((MT * G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((MT * G,), tl.float32)
+    acc = tl.zeros((MT * G, D), tl.float32)
+    for n0 in range(lo, hi, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        in_range = offs_n < hi
+        slots = tl.load(kv_indices + start_r + offs_n, mask=in_range, other=0).to(tl.int64)
+        k = tl.load(K + slots[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        v = tl.load(V + slots[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = tl.reshape(acc / l_i[:, None], (MT, G, D))
+    lse = tl.reshape(m_i + tl.log2(l_i), (MT, G))
+    o_ptr = PO + req[:, None, None] * stride_ob + heads[None, :, None] * stride_oh + c * stride_oc + offs_d[None, None, :]
+    tl.store(o_ptr, o, mask=valid[:, None, None])
+    tl.store(PL + req[:, None] * stride_lb + heads[None, :] * stride_lh + c, lse, mask=valid[:, None])
+
+
+@triton.jit
 def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
                   stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                   stride_ob, stride_oh, stride_oc, stride_lb, stride_lh,
-                  NCH, CHUNK: tl.constexpr, NPROG: tl.constexpr, G: tl.constexpr, MT: tl.constexpr,
+                  CHUNK: tl.constexpr, NPROG: tl.constexpr, G: tl.constexpr, MT: tl.constexpr, MT1: tl.constexpr,
                   BPAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     r = tl.program_id(1)
@@ -87,9 +131,6 @@ def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
     len_r = (tl.load(kv_indptr + r + 1) - tl.load(kv_indptr + r)).to(tl.int32)
     n_chunks = tl.cdiv(len_r, CHUNK)
     s_ids = tl.arange(0, BPAD)
-    offs_d = tl.arange(0, D)
-    offs_g = tl.arange(0, G)
-    heads = h * G + offs_g
     for c in range(pid, n_chunks, NPROG):
         if tl.load(leader + c * B + r) == r:
             leads = tl.load(leader + c * B + s_ids, mask=s_ids < B, other=-2)
@@ -98,66 +139,46 @@ def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
             n_members = tl.sum(is_member.to(tl.int32), 0)
             lo = c * CHUNK
             hi = tl.minimum(lo + CHUNK, len_r)
-            for t0 in range(0, n_members, MT):
-                # The members of this tile, by rank: request ids [MT] (0 where the tile runs past the members).
-                j = t0 + tl.arange(0, MT)
-                pick = (rank[None, :] == j[:, None]) & is_member[None, :]
-                req = tl.sum(tl.where(pick, s_ids[None, :], 0), 1).to(tl.int64)
-                valid = j < n_members
-                q_ptr = Q + req[:, None, None] * stride_qb + heads[None, :, None] * stride_qh + offs_d[None, None, :]
-                q = tl.load(q_ptr, mask=valid[:, None, None], other=0.0)
-                q = tl.reshape(q, (MT * G, D))
-                m_i = tl.full((MT * G,), float("-inf"), tl.float32)
-                l_i = tl.zeros((MT * G,), tl.float32)
-                acc = tl.zeros((MT * G, D), tl.float32)
-                for n0 in range(lo, hi, BLOCK):
-                    offs_n = n0 + tl.arange(0, BLOCK)
-                    in_range = offs_n < hi
-                    slots = tl.load(kv_indices + start_r + offs_n, mask=in_range, other=0).to(tl.int64)
-                    k = tl.load(K + slots[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-                                mask=in_range[:, None], other=0.0)
-                    v = tl.load(V + slots[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
-                                mask=in_range[:, None], other=0.0)
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
-                    s = tl.where(in_range[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                    m_i = m_new
-                o = tl.reshape(acc / l_i[:, None], (MT, G, D))
-                lse = tl.reshape(m_i + tl.log2(l_i), (MT, G))
-                o_ptr = (PO + req[:, None, None] * stride_ob + heads[None, :, None] * stride_oh + c * stride_oc
-                         + offs_d[None, None, :])
-                tl.store(o_ptr, o, mask=valid[:, None, None])
-                l_ptr = PL + req[:, None] * stride_lb + heads[None, :] * stride_lh + c
-                tl.store(l_ptr, lse, mask=valid[:, None])
+            if n_members == 1:
+                # A chunk no other request shares (private tails, unshared batches): the smallest tile, so that
+                # these chunks stay bound by their bytes, not by MMA rows of absent members.
+                _attend_tile(Q, K, V, kv_indices, PO, PL, qk_scale, start_r, lo, hi, h, c, 0, n_members, is_member,
+                             rank, s_ids, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                             stride_ob, stride_oh, stride_oc, stride_lb, stride_lh, G=G, MT=MT1, D=D, BLOCK=BLOCK)
+            else:
+                for t0 in range(0, n_members, MT):
+                    _attend_tile(Q, K, V, kv_indices, PO, PL, qk_scale, start_r, lo, hi, h, c, t0, n_members,
+                                 is_member, rank, s_ids, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt,
+                                 stride_vh, stride_ob, stride_oh, stride_oc, stride_lb, stride_lh, G=G, MT=MT, D=D,
+                                 BLOCK=BLOCK)
 
 
 @triton.jit
 def _merge_kernel(PO, PL, Out, kv_indptr, stride_ob, stride_oh, stride_oc, stride_lb, stride_lh,
-                  stride_outb, stride_outh, CHUNK: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+                  stride_outb, stride_outh, CHUNK: tl.constexpr, CB: tl.constexpr, D: tl.constexpr):
+    # One (request, query head) per program, CB chunks per step: a few dependent loads instead of one per chunk.
     r = tl.program_id(0)
-    h = tl.program_id(1)
+    hd = tl.program_id(1)
     length = (tl.load(kv_indptr + r + 1) - tl.load(kv_indptr + r)).to(tl.int32)
     n_chunks = tl.cdiv(length, CHUNK)
-    heads = h * G + tl.arange(0, G)
     offs_d = tl.arange(0, D)
-    m = tl.full((G,), float("-inf"), tl.float32)
-    l_sum = tl.zeros((G,), tl.float32)
-    acc = tl.zeros((G, D), tl.float32)
-    for c in range(0, n_chunks):
-        lse = tl.load(PL + r * stride_lb + heads * stride_lh + c)
-        o = tl.load(PO + r * stride_ob + heads[:, None] * stride_oh + c * stride_oc + offs_d[None, :])
-        m_new = tl.maximum(m, lse)
+    m = tl.max(tl.full((CB,), float("-inf"), tl.float32), 0)
+    l_sum = tl.sum(tl.zeros((CB,), tl.float32), 0)
+    acc = tl.zeros((D,), tl.float32)
+    for c0 in range(0, n_chunks, CB):
+        cs = c0 + tl.arange(0, CB)
+        live = cs < n_chunks
+        lse = tl.load(PL + r * stride_lb + hd * stride_lh + cs, mask=live, other=float("-inf"))
+        o = tl.load(PO + r * stride_ob + hd * stride_oh + cs[:, None] * stride_oc + offs_d[None, :],
+                    mask=live[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
         a = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * a[:, None] + o * w[:, None]
-        l_sum = l_sum * a + w
+        w = tl.where(live, tl.exp2(lse - m_new), 0.0)
+        acc = acc * a + tl.sum(o * w[:, None], 0)
+        l_sum = l_sum * a + tl.sum(w, 0)
         m = m_new
-    out = tl.where(l_sum[:, None] > 0, acc / tl.maximum(l_sum, 1e-30)[:, None], 0.0)
-    tl.store(Out + r * stride_outb + heads[:, None] * stride_outh + offs_d[None, :], out.to(Out.dtype.element_ty))
+    out = tl.where(l_sum > 0, acc / tl.maximum(l_sum, 1e-30), 0.0)
+    tl.store(Out + r * stride_outb + hd * stride_outh + offs_d, out.to(Out.dtype.element_ty))
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indptr: torch.Tensor,
@@ -223,18 +244,18 @@ def dense_decode(
     nprog = min(nch, PROGRAMS_PER_REQUEST)
     _leaders_kernel[(nprog, batch)](kv_indptr, kv_indices, leader, batch, nch, CHUNK=chunk, NPROG=nprog,
                                     CMP=min(chunk, 256))
-    members = max(1, min(triton.next_power_of_2(batch), TILE_ROWS // group))
-    if members * group < 16:  # tl.dot needs 16 rows
-        members = 16 // group
+    one = max(1, 16 // group)  # tl.dot needs 16 rows
+    members = max(one, min(triton.next_power_of_2(batch), TILE_ROWS // group))
+    block = int(os.environ.get("MSA_DENSE_BLOCK_N", BLOCK_N))  # A/B knob for benchmarks
     scale = dim ** -0.5 if scale is None else scale
     log2e = 1.4426950408889634
     _chunk_kernel[(nprog, batch, hkv)](
         q, k_cache, v_cache, kv_indptr, kv_indices, leader, po, pl, scale * log2e, batch,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
-        nch, CHUNK=chunk, NPROG=nprog, G=group, MT=members, BPAD=max(2, triton.next_power_of_2(batch)), D=dim,
-        BLOCK=BLOCK_N, num_warps=8 if members * group >= 128 else 4, num_stages=2,
+        CHUNK=chunk, NPROG=nprog, G=group, MT=members, MT1=one, BPAD=max(2, triton.next_power_of_2(batch)), D=dim,
+        BLOCK=block, num_warps=8 if members * group >= 128 else 4, num_stages=int(os.environ.get("MSA_DENSE_STAGES", 2)),
     )
-    _merge_kernel[(batch, hkv)](po, pl, out, kv_indptr, po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
-                                pl.stride(1), out.stride(0), out.stride(1), CHUNK=chunk, G=group, D=dim)
+    _merge_kernel[(batch, hq)](po, pl, out, kv_indptr, po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
+                               pl.stride(1), out.stride(0), out.stride(1), CHUNK=chunk, CB=32, D=dim)
     return out
