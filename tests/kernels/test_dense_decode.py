@@ -93,6 +93,29 @@ def _run_case(name: str) -> dict:
     return {"rel_err": worst, "leaders_equal": leaders_ok, "shared_chunks": shared}
 
 
+def _run_max_len_too_small() -> dict:
+    """A caller that passes a max_len below a request's length: keys past the chunks it spans are ignored (the
+    kernels must not index past the sharing map or the partials), so the result is attention over those chunks."""
+    from msa_kernels import reference
+    from msa_kernels.triton import dense_decode as dd
+
+    q, k, v, indptr, indices = build("prefix_2500_mixed_tails_empty_request")
+    chunk, max_len = 256, 1000  # 4 chunks: keys 0..1023 of each request
+    lengths = (indptr[1:] - indptr[:-1]).clamp(max=1024)
+    kept = torch.cat([indices[int(a):int(a) + int(n)] for a, n in zip(indptr[:-1], lengths)])
+    kept_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+    want = reference.dense_decode(q, k, v, kept_indptr, kept)
+    out = torch.full_like(q, float("nan"))
+    dd.dense_decode(q, k, v, indptr, indices, None, max_len, out=out, chunk=chunk)
+    return {"rel_err": rel_err(out, want), "leaders_equal": True, "shared_chunks": -1}
+
+
+def test_keys_past_max_len_are_ignored_not_overrun(interpreter_report: dict) -> None:
+    row = interpreter_report.get("max_len_too_small")
+    assert row is not None and "error" not in row, row
+    assert row["rel_err"] < BOUND[torch.float16], row
+
+
 @pytest.fixture(scope="module")
 def interpreter_report() -> dict:
     return run_interpreter_child(__file__, timeout=900)
@@ -245,8 +268,10 @@ def test_dense_decode_replays_in_cuda_graph() -> None:
 
 if __name__ == "__main__" and "--child" in sys.argv:
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))  # fresh inputs on every run
-    for case in CASES:
+    runs = {case: (lambda c=case: _run_case(c)) for case in CASES}
+    runs["max_len_too_small"] = _run_max_len_too_small
+    for case, run in runs.items():
         try:
-            print(json.dumps({"name": case, **_run_case(case)}), flush=True)
+            print(json.dumps({"name": case, **run()}), flush=True)
         except Exception as exc:  # reported per case, so one failure does not hide the others
             print(json.dumps({"name": case, "error": f"{type(exc).__name__}: {exc}"}), flush=True)

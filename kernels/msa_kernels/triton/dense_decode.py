@@ -130,7 +130,7 @@ def _attend_tile(Q, K, V, kv_indices, PO, PL, qk_scale, start_r, lo, hi, h, c, t
 @triton.jit
 def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
                   stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                  stride_ob, stride_oh, stride_oc, stride_lb, stride_lh,
+                  stride_ob, stride_oh, stride_oc, stride_lb, stride_lh, NCH,
                   CHUNK: tl.constexpr, NPROG: tl.constexpr, G: tl.constexpr, MT: tl.constexpr, MT1: tl.constexpr,
                   BPAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -138,7 +138,8 @@ def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
     h = tl.program_id(2)
     start_r = tl.load(kv_indptr + r).to(tl.int64)
     len_r = (tl.load(kv_indptr + r + 1) - tl.load(kv_indptr + r)).to(tl.int32)
-    n_chunks = tl.cdiv(len_r, CHUNK)
+    # A request longer than max_len (a caller's bug) must not index past the sharing map or the partials.
+    n_chunks = tl.minimum(tl.cdiv(len_r, CHUNK), NCH)
     s_ids = tl.arange(0, BPAD)
     for c in range(pid, n_chunks, NPROG):
         if tl.load(leader + c * B + r) == r:
@@ -164,12 +165,12 @@ def _chunk_kernel(Q, K, V, kv_indptr, kv_indices, leader, PO, PL, qk_scale, B,
 
 @triton.jit
 def _merge_kernel(PO, PL, Out, kv_indptr, stride_ob, stride_oh, stride_oc, stride_lb, stride_lh,
-                  stride_outb, stride_outh, CHUNK: tl.constexpr, CB: tl.constexpr, D: tl.constexpr):
+                  stride_outb, stride_outh, NCH, CHUNK: tl.constexpr, CB: tl.constexpr, D: tl.constexpr):
     # One (request, query head) per program, CB chunks per step: a few dependent loads instead of one per chunk.
     r = tl.program_id(0)
     hd = tl.program_id(1)
     length = (tl.load(kv_indptr + r + 1) - tl.load(kv_indptr + r)).to(tl.int32)
-    n_chunks = tl.cdiv(length, CHUNK)
+    n_chunks = tl.minimum(tl.cdiv(length, CHUNK), NCH)
     offs_d = tl.arange(0, D)
     m = tl.max(tl.full((CB,), float("-inf"), tl.float32), 0)
     l_sum = tl.sum(tl.zeros((CB,), tl.float32), 0)
@@ -228,7 +229,8 @@ def dense_decode(
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over each request's slots `kv_indices[kv_indptr[r]:kv_indptr[r+1]]`
-    (at most `max_len` of them), reading chunks that requests share once. Returns [B, Hq, D] (into `out` if
+    (at most `max_len` of them: keys past the last chunk that `max_len` spans are ignored, never read or written
+    out of bounds), reading chunks that requests share once. Returns [B, Hq, D] (into `out` if
     given). `workspace` = (leader int32 [chunks, B], partial o fp32 [B, Hq, chunks, D], partial lse fp32
     [B, Hq, chunks]) lets tests poison the buffers; they are allocated per call otherwise."""
     batch, hq, hkv, dim = _check(q, k_cache, v_cache, kv_indptr, kv_indices)
@@ -262,10 +264,10 @@ def dense_decode(
     _chunk_kernel[(nprog, batch, hkv)](
         q, k_cache, v_cache, kv_indptr, kv_indices, leader, po, pl, scale * log2e, batch,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+        po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1), nch,
         CHUNK=chunk, NPROG=nprog, G=group, MT=members, MT1=one, BPAD=bpad, D=dim,
         BLOCK=block, num_warps=8 if members * group >= 128 else 4, num_stages=int(os.environ.get("MSA_DENSE_STAGES", 3)),
     )
     _merge_kernel[(batch, hq)](po, pl, out, kv_indptr, po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
-                               pl.stride(1), out.stride(0), out.stride(1), CHUNK=chunk, CB=32, D=dim)
+                               pl.stride(1), out.stride(0), out.stride(1), nch, CHUNK=chunk, CB=32, D=dim)
     return out
