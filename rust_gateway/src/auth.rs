@@ -19,11 +19,22 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Check the data-plane key; no configured keys means the API is open.
 pub fn check_api_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    check_token(keys, bearer(headers), "Missing API key: send `Authorization: Bearer <key>`.")
+}
+
+/// The data-plane key as Anthropic clients send it (`x-api-key`), or as a Bearer token (what
+/// `ANTHROPIC_AUTH_TOKEN` makes Claude Code send).
+pub fn check_anthropic_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).or_else(|| bearer(headers));
+    check_token(keys, given, "Missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`.")
+}
+
+fn check_token(keys: &[String], token: Option<&str>, missing: &str) -> Result<(), ApiError> {
     if keys.is_empty() {
         return Ok(());
     }
-    let Some(token) = bearer(headers) else {
-        return Err(ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`."));
+    let Some(token) = token else {
+        return Err(ApiError::unauthorized(missing));
     };
     // Compare with every key (no early exit) to keep timing independent of which key matched.
     let ok = keys.iter().fold(false, |acc, k| acc | ct_eq(k.as_bytes(), token.as_bytes()));
@@ -66,6 +77,21 @@ mod tests {
         assert_eq!(check_api_key(&keys, &h("Bearer nope")).unwrap_err().status.as_u16(), 401);
         assert_eq!(check_api_key(&keys, &HeaderMap::new()).unwrap_err().status.as_u16(), 401);
         assert!(check_api_key(&keys, &h("Basic k1")).is_err());
+    }
+
+    #[test]
+    fn anthropic_keys_come_as_x_api_key_or_bearer() {
+        let keys = vec!["k1".to_string()];
+        let mut m = HeaderMap::new();
+        m.insert("x-api-key", HeaderValue::from_static("k1"));
+        assert!(check_anthropic_key(&keys, &m).is_ok());
+        assert!(check_api_key(&keys, &m).is_err(), "the OpenAI routes keep Bearer only");
+        m.insert("x-api-key", HeaderValue::from_static("nope"));
+        assert_eq!(check_anthropic_key(&keys, &m).unwrap_err().status.as_u16(), 401);
+        assert!(check_anthropic_key(&keys, &h("Bearer k1")).is_ok());
+        let e = check_anthropic_key(&keys, &HeaderMap::new()).unwrap_err();
+        assert!(e.message.contains("x-api-key"), "{}", e.message);
+        assert!(check_anthropic_key(&[], &HeaderMap::new()).is_ok());
     }
 
     #[test]

@@ -117,16 +117,22 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self.to_json()).unwrap_or_default();
-        let mut resp = (self.status, body).into_response();
+impl ApiError {
+    /// This error's status and headers with `body` (another API's error shape) as the JSON body.
+    pub fn response_with_body(&self, body: &serde_json::Value) -> Response {
+        let mut resp = (self.status, serde_json::to_vec(body).unwrap_or_default()).into_response();
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response_with_body(&self.to_json())
     }
 }
 

@@ -1,6 +1,7 @@
 """A fake SGLang worker for gateway tests: speaks the parts of SGLang 0.5.23's native HTTP API the
 gateway uses (POST /generate streaming and not, POST /abort_request, GET /health, GET /v1/loads),
-deterministically and fast, and records what it was sent.
+deterministically and fast, and records what it was sent. Stop strings (`sampling_params.stop`) end
+the reply as SGLang ends it: before the earliest match, reported as `finish_reason.matched`.
 
 Behaviour is set per worker with `FakeWorker.configure(...)`: the reply text, its split into
 "tokens", delays, a forced error status, a hang, cumulative or incremental streaming. It keeps a
@@ -122,12 +123,17 @@ class FakeWorker:
             best = max(best, n)
         return best // 128 * 128
 
-    def pieces(self, max_new: int) -> tuple[list[str], dict[str, Any]]:
+    def pieces(self, max_new: int, stop: list[str] | None = None) -> tuple[list[str], dict[str, Any]]:
         reply, k = self.config["reply"], max(1, self.config["piece_chars"])
+        finish: dict[str, Any] = {"type": "stop", "matched": 200020}
+        hits = [(reply.find(s), s) for s in stop or [] if s and s in reply]
+        if hits:
+            at, matched = min(hits)
+            reply, finish = reply[:at], {"type": "stop", "matched": matched}
         pieces = [reply[i : i + k] for i in range(0, len(reply), k)] or [""]
         if len(pieces) > max_new:
             return pieces[:max_new], {"type": "length", "length": max_new}
-        return pieces, {"type": "stop", "matched": 200020}
+        return pieces, finish
 
     def _handler_class(self):
         worker = self
@@ -219,7 +225,7 @@ class FakeWorker:
                         return
                     if cfg["first_delay"]:
                         stop.wait(cfg["first_delay"])
-                    pieces, finish = worker.pieces(int(sp.get("max_new_tokens", 128)))
+                    pieces, finish = worker.pieces(int(sp.get("max_new_tokens", 128)), sp.get("stop"))
                     top_n = int(body.get("top_logprobs_num") or 0)
 
                     def meta(n: int, done: bool, start: int = 0) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-//! POST /v1/chat/completions and /v1/completions: validate, preprocess, route, then either stream
-//! SSE chunks or collect one response.
+//! POST /v1/chat/completions, /v1/completions and /v1/messages: validate, preprocess, route, then
+//! either stream SSE chunks or collect one response. /v1/messages (Anthropic) is the chat route with
+//! its request translated on the way in and its response on the way out (`api::anthropic`).
 
 use super::client_conn::ClientConn;
 use super::dispatch::{dispatch, Accepted};
 use super::AppState;
+use crate::api::anthropic::{self, MessageStream};
 use crate::api::objects::{chat_logprobs, completion_logprobs, finish_reason, new_id, unix_now, Usage};
 use crate::api::params::{self, Endpoint, GenParams};
 use crate::api::tool_grammar::{tool_call_grammar, ReasoningStart};
@@ -25,9 +27,35 @@ use tokio::sync::mpsc;
 /// Most `n` a request may ask for.
 const MAX_N: usize = 16;
 
+/// The API a request came in through: its wire format at both edges (the pipeline between is one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    /// Anthropic's Messages API; always with `Endpoint::Chat`.
+    Anthropic,
+}
+
+/// The `route` label of the request metrics.
+fn route_label(endpoint: Endpoint, dialect: Dialect) -> &'static str {
+    match (dialect, endpoint) {
+        (Dialect::Anthropic, _) => "messages",
+        (Dialect::OpenAi, Endpoint::Chat) => "chat_completions",
+        (Dialect::OpenAi, Endpoint::Completion) => "completions",
+    }
+}
+
+/// An error as the request's API shapes it.
+fn error_response(dialect: Dialect, e: ApiError) -> Response {
+    match dialect {
+        Dialect::OpenAi => e.into_response(),
+        Dialect::Anthropic => anthropic::error_response(&e),
+    }
+}
+
 /// Everything fixed once the request is accepted.
 struct Job {
     endpoint: Endpoint,
+    dialect: Dialect,
     params: GenParams,
     prompt: Prompt,
     id: String,
@@ -39,29 +67,31 @@ struct Job {
 pub async fn handle(
     st: Arc<AppState>,
     endpoint: Endpoint,
+    dialect: Dialect,
     conn: ClientConn,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let route = match endpoint {
-        Endpoint::Chat => "chat_completions",
-        Endpoint::Completion => "completions",
-    };
+    let route = route_label(endpoint, dialect);
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(String::from)
         .unwrap_or_else(|| new_id("req"));
-    let mut resp = match run(&st, endpoint, &conn, &headers, body, started, &request_id).await {
+    let mut resp = match run(&st, endpoint, dialect, &conn, &headers, body, started, &request_id).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(request_id = %request_id, route, status = e.status.as_u16(), error = %e.message, "request refused");
-            e.into_response()
+            error_response(dialect, e)
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if dialect == Dialect::Anthropic {
+            // Where Anthropic's SDKs look for it (`_request_id`, error messages).
+            resp.headers_mut().insert("request-id", v.clone());
+        }
         resp.headers_mut().insert("x-request-id", v);
     }
     st.metrics.requests.with_label_values(&[route, resp.status().as_str()]).inc();
@@ -92,19 +122,28 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     st: &Arc<AppState>,
     endpoint: Endpoint,
+    dialect: Dialect,
     conn: &ClientConn,
     headers: &HeaderMap,
     body: Body,
     started: Instant,
     request_id: &str,
 ) -> Result<Response, ApiError> {
-    crate::auth::check_api_key(&st.api_keys, headers)?;
+    match dialect {
+        Dialect::OpenAi => crate::auth::check_api_key(&st.api_keys, headers)?,
+        Dialect::Anthropic => crate::auth::check_anthropic_key(&st.api_keys, headers)?,
+    }
     let bytes = read_body(body, headers, st.cfg.max_body_bytes).await?;
     let body: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))?;
+    let body = match dialect {
+        Dialect::OpenAi => body,
+        Dialect::Anthropic => anthropic::chat_request(&body)?,
+    };
     let params = params::parse(&body, endpoint, MAX_N)?;
     if params.model != st.model_name {
         return Err(ApiError::model_not_found(&params.model, &st.model_name));
@@ -122,7 +161,7 @@ async fn run(
         Endpoint::Chat => st.prompts.chat(&body).await?,
         Endpoint::Completion => st.prompts.completion(&body).await?,
     };
-    let route = if endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
+    let route = route_label(endpoint, dialect);
     st.metrics.preprocess_seconds.with_label_values(&[route]).observe(t0.elapsed().as_secs_f64());
     if prompt.input_ids.is_empty() {
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
@@ -146,15 +185,12 @@ async fn run(
         .enumerate()
         .map(|(i, rid)| worker_request(&params, &prompt, max_new_tokens, rid, i))
         .collect::<Result<_, _>>()?;
-    let job = Job {
-        endpoint,
-        id: new_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
-        created: unix_now(),
-        params,
-        prompt,
-        rids,
-        started,
+    let id = match (dialect, endpoint) {
+        (Dialect::Anthropic, _) => format!("msg_{}", uuid::Uuid::new_v4().simple()),
+        (Dialect::OpenAi, Endpoint::Chat) => new_id("chatcmpl"),
+        (Dialect::OpenAi, Endpoint::Completion) => new_id("cmpl"),
     };
+    let job = Job { endpoint, dialect, id, created: unix_now(), params, prompt, rids, started };
     let work = async {
         let accepted = dispatch(st, &bodies, &hashes, session_key.as_deref(), job.prompt.input_ids.len()).await?;
         tracing::debug!(request_id, worker = %accepted.worker.url, reason = accepted.reason.as_str(), "routed");
@@ -291,6 +327,7 @@ async fn collect_response(
     let Accepted { worker, responses, slots, reason, mut abort } = accepted;
     let deadline = Duration::from_secs_f64(st.cfg.upstream_timeout_secs);
     let mut choices = Vec::new();
+    let mut matched_stop = None;
     let mut usage = Usage { prompt_tokens: job.prompt.input_ids.len(), ..Default::default() };
     for (index, resp) in responses.into_iter().enumerate() {
         let bytes = match tokio::time::timeout(deadline, resp.bytes()).await {
@@ -313,16 +350,23 @@ async fn collect_response(
         usage.completion_tokens += d.completion_tokens;
         usage.cached_tokens = usage.cached_tokens.max(d.cached_tokens);
         usage.reasoning_tokens += d.reasoning_tokens;
+        if index == 0 {
+            matched_stop = d.matched_stop.clone();
+        }
         choices.push(build_choice(&job, index, &d));
     }
     abort.disarm();
     drop(slots);
     record_usage(st, &usage);
     let object = if job.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
-    let body = json!({
+    let mut body = json!({
         "id": job.id, "object": object, "created": job.created, "model": job.params.model,
         "system_fingerprint": null, "choices": choices, "usage": usage.to_json(),
     });
+    if job.dialect == Dialect::Anthropic {
+        let sequence = anthropic::stop_sequence(matched_stop.as_deref(), job.params.sampling.get("stop"));
+        body = anthropic::message_from_chat(&body, sequence.as_deref());
+    }
     tracing::info!(request_id, worker = %worker.url, reason = reason.as_str(), prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens, cached_tokens = usage.cached_tokens,
         duration_ms = job.started.elapsed().as_millis() as u64, "request done");
@@ -406,6 +450,59 @@ fn stream_response(st: Arc<AppState>, job: Job, accepted: Accepted, request_id: 
     r
 }
 
+/// How a stream's chunks go on the wire: as they are (OpenAI), or as Anthropic's events.
+enum StreamOut {
+    OpenAi,
+    Anthropic(Box<MessageStream>),
+}
+
+impl StreamOut {
+    fn new(job: &Job) -> Self {
+        match job.dialect {
+            Dialect::OpenAi => Self::OpenAi,
+            Dialect::Anthropic => {
+                Self::Anthropic(Box::new(MessageStream::new(&job.id, &job.params.model, job.prompt.input_ids.len())))
+            }
+        }
+    }
+
+    fn chunk(&mut self, c: &Value) -> Vec<Bytes> {
+        match self {
+            Self::OpenAi => vec![sse(c)],
+            Self::Anthropic(m) => m.push(c).iter().map(anthropic::sse_event).collect(),
+        }
+    }
+
+    /// The generation finished: note what the Anthropic stop reason needs before its last chunks.
+    fn finishing(&mut self, job: &Job, d: &GenerateDelta) {
+        if let Self::Anthropic(m) = self {
+            m.set_stop_sequence(anthropic::stop_sequence(d.matched_stop.as_deref(), job.params.sampling.get("stop")));
+        }
+    }
+
+    fn error(&self, e: &ApiError) -> Bytes {
+        match self {
+            Self::OpenAi => sse(&e.to_json()),
+            Self::Anthropic(m) => anthropic::sse_event(&m.error(e)),
+        }
+    }
+
+    /// The end-of-stream marker (Anthropic's streams end with `message_stop`, sent with the usage).
+    fn done(&self) -> Option<Bytes> {
+        matches!(self, Self::OpenAi).then(|| Bytes::from_static(b"data: [DONE]\n\n"))
+    }
+}
+
+/// Send every piece; false when the client is gone.
+async fn send_all(tx: &mpsc::Sender<Bytes>, pieces: Vec<Bytes>) -> bool {
+    for b in pieces {
+        if tx.send(b).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 fn sse(v: &Value) -> Bytes {
     let mut out = b"data: ".to_vec();
     out.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
@@ -467,6 +564,7 @@ async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc:
     let mut merged = futures_util::stream::select_all(
         responses.into_iter().enumerate().map(|(i, r)| r.bytes_stream().map(move |item| (i, item)).boxed()),
     );
+    let mut out = StreamOut::new(&job);
 
     // Opening chunk per choice, as OpenAI sends it.
     for i in 0..states.len() {
@@ -475,7 +573,7 @@ async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc:
         } else {
             continue;
         };
-        if tx.send(sse(&opening)).await.is_err() {
+        if !send_all(&tx, out.chunk(&opening)).await {
             return; // client gone; `abort` fires on drop
         }
     }
@@ -546,9 +644,12 @@ async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc:
                 abort.finished(&job.rids[i]);
                 break;
             }
+            if d.finish.is_some() {
+                out.finishing(&job, &d);
+            }
             let chunks = step_chunks(&job, i, &mut states[i], &d);
             for c in chunks {
-                if tx.send(sse(&c)).await.is_err() {
+                if !send_all(&tx, out.chunk(&c)).await {
                     return;
                 }
             }
@@ -571,18 +672,20 @@ async fn drive_stream(st: Arc<AppState>, job: Job, accepted: Accepted, tx: mpsc:
     record_usage(&st, &usage);
     if let Some(err) = &failure {
         tracing::warn!(request_id = %request_id, worker = %worker.url, error = %err.message, "stream failed");
-        let _ = tx.send(sse(&err.to_json())).await;
+        let _ = tx.send(out.error(err)).await;
     } else {
         abort.disarm();
         if job.params.include_usage {
             let mut c = job.chunk(json!([]));
             c["usage"] = usage.to_json();
-            let _ = tx.send(sse(&c)).await;
+            send_all(&tx, out.chunk(&c)).await;
         }
     }
-    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    if let Some(done) = out.done() {
+        let _ = tx.send(done).await;
+    }
     drop(slots);
-    let route = if job.endpoint == Endpoint::Chat { "chat_completions" } else { "completions" };
+    let route = route_label(job.endpoint, job.dialect);
     st.metrics.request_seconds.with_label_values(&[route]).observe(job.started.elapsed().as_secs_f64());
     tracing::info!(request_id = %request_id, worker = %worker.url, reason = reason.as_str(), stream = true,
         prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,

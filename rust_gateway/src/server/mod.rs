@@ -4,6 +4,7 @@ pub mod admin;
 pub mod client_conn;
 pub mod dispatch;
 pub mod generate;
+pub mod messages;
 
 use crate::api::objects::unix_now;
 use crate::api::params::Endpoint;
@@ -80,6 +81,8 @@ pub fn app(st: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health_check))
@@ -100,12 +103,12 @@ fn split(request: Request) -> (ClientConn, HeaderMap, Body) {
 
 async fn chat_completions(State(st): State<Arc<AppState>>, request: Request) -> Response {
     let (conn, headers, body) = split(request);
-    generate::handle(st, Endpoint::Chat, conn, headers, body).await
+    generate::handle(st, Endpoint::Chat, generate::Dialect::OpenAi, conn, headers, body).await
 }
 
 async fn completions(State(st): State<Arc<AppState>>, request: Request) -> Response {
     let (conn, headers, body) = split(request);
-    generate::handle(st, Endpoint::Completion, conn, headers, body).await
+    generate::handle(st, Endpoint::Completion, generate::Dialect::OpenAi, conn, headers, body).await
 }
 
 fn model_card(st: &AppState) -> serde_json::Value {

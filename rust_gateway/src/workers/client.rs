@@ -283,6 +283,9 @@ pub struct GenerateDelta {
     pub logprobs: Vec<TokenLogprob>,
     /// Set on the last event: "stop", "length", or "abort: message".
     pub finish: Option<Finish>,
+    /// The stop string that ended the generation (SGLang's `finish_reason.matched` when it is
+    /// text; a stop token id or EOS leaves it empty).
+    pub matched_stop: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub cached_tokens: usize,
@@ -355,12 +358,19 @@ impl StreamAccumulator {
             self.logprobs_seen = if cumulative { lp.len() } else { self.logprobs_seen + lp.len() };
         }
 
-        let finish = meta.get("finish_reason").filter(|f| !f.is_null()).map(parse_finish);
+        let finish_reason = meta.get("finish_reason").filter(|f| !f.is_null());
+        let finish = finish_reason.map(parse_finish);
+        let matched_stop = finish_reason
+            .filter(|_| finish == Some(Finish::Stop))
+            .and_then(|f| f.get("matched"))
+            .and_then(Value::as_str)
+            .map(String::from);
         Ok(GenerateDelta {
             text: delta_text,
             new_tokens,
             logprobs,
             finish,
+            matched_stop,
             prompt_tokens: count("prompt_tokens"),
             completion_tokens,
             cached_tokens: count("cached_tokens"),
@@ -481,6 +491,17 @@ mod tests {
         assert_eq!((d1.text.as_str(), d2.text.as_str(), d3.text.as_str()), ("Hel", "lo", "!!"));
         assert_eq!(d3.new_tokens, 2);
         assert_eq!(d3.finish, Some(Finish::Length));
+    }
+
+    #[test]
+    fn matched_stop_string_is_kept_but_not_a_token_id() {
+        let mut acc = StreamAccumulator::default();
+        let d = acc.push(&ev("Hi", 1, 1, json!({"type": "stop", "matched": "END"}))).unwrap();
+        assert_eq!((d.finish, d.matched_stop.as_deref()), (Some(Finish::Stop), Some("END")));
+        let d = StreamAccumulator::default().push(&ev("Hi", 1, 1, json!({"type": "stop", "matched": 200020}))).unwrap();
+        assert_eq!(d.matched_stop, None);
+        let d = StreamAccumulator::default().push(&ev("Hi", 1, 1, json!({"type": "length", "length": 1}))).unwrap();
+        assert_eq!(d.matched_stop, None);
     }
 
     #[test]
