@@ -57,10 +57,12 @@ def test_install_wraps_once_and_the_switch_keeps_sglang(monkeypatch):
     assert backend.decode_attention_fwd is original
     monkeypatch.delenv(dd.SWITCH_ENV)
     dd.install_shared_decode(None, backend)
-    wrapped = backend.decode_attention_fwd
+    wrapped = getattr(backend, dd.WRAPPER_ATTR)
     assert isinstance(wrapped, dd.SharedPrefixDecode) and wrapped.original is original and wrapped.max_len == 131_072
+    assert backend.decode_attention_fwd is not original
+    installed = backend.decode_attention_fwd
     dd.install_shared_decode(None, backend)  # a second __init__ hook call does not wrap the wrapper
-    assert backend.decode_attention_fwd is wrapped
+    assert backend.decode_attention_fwd is installed
 
 
 def test_uncovered_calls_reach_sglang_unchanged(monkeypatch):

@@ -87,12 +87,18 @@ class SharedPrefixDecode:
         return None
 
 
+WRAPPER_ATTR = "_m3serve_shared_decode"  # the SharedPrefixDecode a backend runs (tests, and installing once)
+
+
 def install_shared_decode(result: Any, backend: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER hook on TritonAttnBackend.__init__: route its decode kernel through SharedPrefixDecode."""
     if os.environ.get(SWITCH_ENV, "shared") == "triton":
         return
     original = getattr(backend, "decode_attention_fwd", None)
     max_len = getattr(backend, "max_context_len", None)
-    if original is None or not max_len or isinstance(original, SharedPrefixDecode):
+    if original is None or not max_len or getattr(backend, WRAPPER_ATTR, None) is not None:
         return
-    backend.decode_attention_fwd = SharedPrefixDecode(original, int(max_len))
+    wrapper = SharedPrefixDecode(original, int(max_len))
+    setattr(backend, WRAPPER_ATTR, wrapper)
+    # Kept out of torch.compile's tracing (--enable-torch-compile), as SGLang keeps the function it replaces.
+    backend.decode_attention_fwd = torch.compiler.disable(wrapper)
