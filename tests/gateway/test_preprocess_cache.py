@@ -91,3 +91,32 @@ def test_cache_can_be_disabled(tiny_checkpoint):
     pre.prepare_chat(json.dumps(body))
     pre.prepare_chat(json.dumps(body))
     assert pre.cache_stats()["hit_tokens"] == 0
+
+
+def test_sessions_starting_together_encode_each_segment_once(tiny_checkpoint):
+    """8 requests of one new conversation at once (agent sessions starting on a shared prefix): every segment is
+    encoded by one of them, the others wait for its ids (single flight), and all get the full ids."""
+    import threading
+
+    *_, body = grow_conversation(random.Random(11), 30)  # the last turn: the longest conversation
+    request = json.dumps(body)
+    alone = g.Preprocessor(str(tiny_checkpoint))
+    want = alone.prepare_chat(request)["input_ids"]
+    once = alone.cache_stats()["miss_tokens"]
+    pre = g.Preprocessor(str(tiny_checkpoint))
+    barrier = threading.Barrier(8)
+    got = []
+
+    def session():
+        barrier.wait()
+        got.append(pre.prepare_chat(request)["input_ids"])
+
+    threads = [threading.Thread(target=session) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 8
+    stats = pre.cache_stats()
+    assert stats["miss_tokens"] == once, stats  # without single flight, concurrent misses encode again
+    assert stats["hit_tokens"] + stats["coalesced_tokens"] > 0, stats

@@ -182,6 +182,7 @@ impl PyPreprocessor {
         d.set_item("hit_tokens", s.hit_tokens)?;
         d.set_item("miss_tokens", s.miss_tokens)?;
         d.set_item("cached_tokens", s.cached_tokens)?;
+        d.set_item("coalesced_tokens", s.coalesced_tokens)?;
         Ok(d)
     }
 

@@ -9,10 +9,14 @@
 //! prompt right after each eligible one, and cache the ids of every segment by a 128-bit hash of
 //! its text. A new turn re-encodes only the segments it has not seen (normally the last message).
 //! Tests compare against a full encode on many conversations.
+//!
+//! Single flight: agent sessions often start together on one long system prompt and tool list. The
+//! first request to miss a segment encodes it and the others that miss it meanwhile wait for those
+//! ids, instead of each spending the same ~70 ms of CPU on a 60k-token prefix.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
@@ -45,6 +49,8 @@ pub struct CacheStats {
     pub hit_tokens: u64,
     pub miss_tokens: u64,
     pub cached_tokens: u64,
+    /// Tokens a request took from another's encoding of the same segment, in flight at the time.
+    pub coalesced_tokens: u64,
 }
 
 struct SegmentCache {
@@ -53,6 +59,54 @@ struct SegmentCache {
     tokens: usize,
     max_tokens: usize,
     stats: CacheStats,
+    /// Segments being encoded now, with the slot their ids go to.
+    in_flight: HashMap<u128, Arc<Flight>>,
+}
+
+/// One segment being encoded: its encoder publishes the ids (None if it failed), waiters block on `done`.
+#[derive(Default)]
+struct Flight {
+    ids: Mutex<Option<Option<Arc<[u32]>>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn publish(&self, ids: Option<Arc<[u32]>>) {
+        *self.ids.lock().unwrap_or_else(PoisonError::into_inner) = Some(ids);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Option<Arc<[u32]>> {
+        let mut slot = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(ids) = slot.as_ref() {
+                return ids.clone();
+            }
+            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Held by the thread encoding a segment: when dropped (after the encode, or while a panic unwinds) it
+/// caches a success, ends the flight and wakes the waiters; on failure they encode the segment themselves.
+struct Encoder<'a> {
+    cache: &'a Mutex<SegmentCache>,
+    key: u128,
+    flight: Arc<Flight>,
+    ids: Option<Arc<[u32]>>,
+}
+
+impl Drop for Encoder<'_> {
+    fn drop(&mut self) {
+        {
+            let mut c = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(ids) = &self.ids {
+                c.insert(self.key, ids.clone());
+            }
+            c.in_flight.remove(&self.key);
+        }
+        self.flight.publish(self.ids.take());
+    }
 }
 
 impl SegmentCache {
@@ -131,6 +185,7 @@ impl CachedTokenizer {
                 tokens: 0,
                 max_tokens: cache_max_tokens,
                 stats: CacheStats::default(),
+                in_flight: HashMap::new(),
             }),
         }
     }
@@ -190,15 +245,137 @@ impl CachedTokenizer {
             return Ok(());
         }
         let key = xxh3_128(segment.as_bytes());
-        if let Some(ids) = self.cache.lock().ok().and_then(|mut c| c.get(key)) {
-            out.extend_from_slice(&ids);
-            return Ok(());
+        enum Role {
+            Hit(Arc<[u32]>),
+            Wait(Arc<Flight>),
+            Encode(Arc<Flight>),
+            Uncached,
         }
-        let ids: Arc<[u32]> = self.encode_uncached(segment)?.into();
+        let role = match self.cache.lock() {
+            Ok(mut c) => match c.get(key) {
+                Some(ids) => Role::Hit(ids),
+                None => match c.in_flight.get(&key) {
+                    Some(flight) => Role::Wait(flight.clone()),
+                    None => {
+                        let flight = Arc::new(Flight::default());
+                        c.in_flight.insert(key, flight.clone());
+                        Role::Encode(flight)
+                    }
+                },
+            },
+            // Poisoned by a panic under the lock: work uncached rather than trust its state.
+            Err(_) => Role::Uncached,
+        };
+        let ids = match role {
+            Role::Hit(ids) => ids,
+            Role::Uncached => self.encode_uncached(segment)?.into(),
+            Role::Wait(flight) => match flight.wait() {
+                Some(ids) => {
+                    if let Ok(mut c) = self.cache.lock() {
+                        c.stats.coalesced_tokens += ids.len() as u64;
+                    }
+                    ids
+                }
+                // The encoder failed: its error is not ours to report, so try the segment ourselves.
+                None => self.encode_uncached(segment)?.into(),
+            },
+            Role::Encode(flight) => {
+                let mut encoder = Encoder { cache: &self.cache, key, flight, ids: None };
+                let ids: Arc<[u32]> = self.encode_uncached(segment)?.into();
+                encoder.ids = Some(ids.clone());
+                ids
+            }
+        };
         out.extend_from_slice(&ids);
-        if let Ok(mut c) = self.cache.lock() {
-            c.insert(key, ids);
-        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::AddedToken;
+
+    /// A word-level tokenizer with one special token that ends segments.
+    fn tokenizer(cache_max_tokens: usize) -> CachedTokenizer {
+        let vocab: HashMap<String, u32> =
+            [("[UNK]", 0), ("a", 1), ("b", 2), ("c", 3)].iter().map(|(w, i)| (w.to_string(), *i)).collect();
+        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("[UNK]".into()).build().unwrap();
+        let mut t = Tokenizer::new(model);
+        t.with_pre_tokenizer(Some(Whitespace {}));
+        let _ = t.add_special_tokens(vec![AddedToken::from("<end>", true)]);
+        CachedTokenizer::new(t, cache_max_tokens)
+    }
+
+    fn long_text(n: usize) -> String {
+        (0..n).map(|i| ["a", "b", "c"][i % 3]).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn concurrent_misses_of_one_segment_encode_it_once() {
+        const N: usize = 8;
+        let t = Arc::new(tokenizer(1 << 20));
+        let text = format!("{}<end>{}", long_text(200_000), long_text(50));
+        let want = t.encode_uncached(&text).unwrap();
+        let barrier = Arc::new(Barrier::new(N));
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                let (t, text, barrier) = (t.clone(), text.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    t.encode(&text).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), want);
+        }
+        let s = t.stats();
+        let segment_tokens = t.encode_uncached(&format!("{}<end>", long_text(200_000))).unwrap().len() as u64;
+        // Every thread got the long segment: one encoded it, the rest hit or waited for it.
+        assert_eq!(s.miss_tokens, segment_tokens + 50, "{s:?}");
+        assert_eq!(s.hit_tokens + s.coalesced_tokens, (N as u64 - 1) * (segment_tokens + 50), "{s:?}");
+        assert!(t.cache.lock().unwrap().in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_encodes_itself_when_the_encoder_fails() {
+        let t = tokenizer(1 << 20);
+        let text = long_text(100);
+        let key = xxh3_128(text.as_bytes());
+        // A flight whose encoder gave up: the waiter must not hang or return nothing.
+        let flight = Arc::new(Flight::default());
+        t.cache.lock().unwrap().in_flight.insert(key, flight.clone());
+        let t = Arc::new(t);
+        let waiter = {
+            let (t, text) = (t.clone(), text.clone());
+            std::thread::spawn(move || t.encode(&text).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        t.cache.lock().unwrap().in_flight.remove(&key);
+        flight.publish(None);
+        assert_eq!(waiter.join().unwrap(), t.encode_uncached(&text).unwrap());
+    }
+
+    #[test]
+    fn a_panicking_encoder_releases_its_waiters() {
+        let t = tokenizer(1 << 20);
+        let key = 7u128;
+        let flight = Arc::new(Flight::default());
+        t.cache.lock().unwrap().in_flight.insert(key, flight.clone());
+        let waiter = {
+            let flight = flight.clone();
+            std::thread::spawn(move || flight.wait())
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _encoder = Encoder { cache: &t.cache, key, flight: flight.clone(), ids: None };
+            panic!("tokenizer bug");
+        }));
+        assert!(result.is_err());
+        assert_eq!(waiter.join().unwrap(), None);
+        assert!(t.cache.lock().unwrap().in_flight.is_empty());
     }
 }
