@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::handoff::{PreparedImage, WireDtype};
 use super::images::{ImageConfig, ResizePolicy};
@@ -72,29 +72,8 @@ const ENTRY_OVERHEAD: usize = std::mem::size_of::<(ImageKey, Entry)>() + std::me
 /// What an image's preparation gave, as its waiters receive it.
 type Prepared = Result<Arc<PreparedImage>, String>;
 
-/// One image being prepared: its leader publishes the result here, its waiters block on `done`.
-#[derive(Default)]
-struct Flight {
-    result: Mutex<Option<Prepared>>,
-    done: Condvar,
-}
-
-impl Flight {
-    fn publish(&self, result: Prepared) {
-        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
-        self.done.notify_all();
-    }
-
-    fn wait(&self) -> Prepared {
-        let mut slot = self.result.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(result) = slot.as_ref() {
-                return result.clone();
-            }
-            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
+/// One image being prepared: its leader publishes the result, its waiters block for it.
+type Flight = super::flight::Flight<Prepared>;
 
 #[derive(Default)]
 struct Lru {

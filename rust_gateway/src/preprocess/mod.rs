@@ -22,6 +22,7 @@
 //! ```
 
 pub mod error;
+mod flight;
 pub mod handoff;
 pub mod image_cache;
 pub mod images;

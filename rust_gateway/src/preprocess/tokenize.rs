@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
@@ -63,29 +63,8 @@ struct SegmentCache {
     in_flight: HashMap<u128, Arc<Flight>>,
 }
 
-/// One segment being encoded: its encoder publishes the ids (None if it failed), waiters block on `done`.
-#[derive(Default)]
-struct Flight {
-    ids: Mutex<Option<Option<Arc<[u32]>>>>,
-    done: Condvar,
-}
-
-impl Flight {
-    fn publish(&self, ids: Option<Arc<[u32]>>) {
-        *self.ids.lock().unwrap_or_else(PoisonError::into_inner) = Some(ids);
-        self.done.notify_all();
-    }
-
-    fn wait(&self) -> Option<Arc<[u32]>> {
-        let mut slot = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(ids) = slot.as_ref() {
-                return ids.clone();
-            }
-            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
+/// One segment being encoded: its encoder publishes the ids (None if it failed), waiters block for them.
+type Flight = super::flight::Flight<Option<Arc<[u32]>>>;
 
 /// Held by the thread encoding a segment: when dropped (after the encode, or while a panic unwinds) it
 /// caches a success, ends the flight and wakes the waiters; on failure they encode the segment themselves.

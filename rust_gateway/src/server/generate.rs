@@ -106,6 +106,12 @@ fn is_event_stream(resp: &Response) -> bool {
 }
 
 /// Read the body under the size limit.
+/// The request body (within `limit` bytes) parsed as JSON.
+pub async fn read_json(body: Body, headers: &HeaderMap, limit: usize) -> Result<Value, ApiError> {
+    let bytes = read_body(body, headers, limit).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))
+}
+
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
@@ -137,9 +143,7 @@ async fn run(
         Dialect::OpenAi => crate::auth::check_api_key(&st.api_keys, headers)?,
         Dialect::Anthropic => crate::auth::check_anthropic_key(&st.api_keys, headers)?,
     }
-    let bytes = read_body(body, headers, st.cfg.max_body_bytes).await?;
-    let body: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))?;
+    let body = read_json(body, headers, st.cfg.max_body_bytes).await?;
     let body = match dialect {
         Dialect::OpenAi => body,
         Dialect::Anthropic => anthropic::chat_request(&body)?,

@@ -1,7 +1,7 @@
 //! POST /v1/messages (Anthropic's Messages API; the chat route behind a translation, see
 //! `api::anthropic`) and POST /v1/messages/count_tokens.
 
-use super::generate::{self, read_body, Dialect};
+use super::generate::{self, read_json, Dialect};
 use super::{split, AppState};
 use crate::api::anthropic;
 use crate::api::params::Endpoint;
@@ -34,9 +34,7 @@ pub async fn count_tokens(State(st): State<Arc<AppState>>, request: Request) -> 
 
 async fn count(st: &AppState, headers: &HeaderMap, body: axum::body::Body) -> Result<usize, ApiError> {
     crate::auth::check_anthropic_key(&st.api_keys, headers)?;
-    let bytes = read_body(body, headers, st.cfg.max_body_bytes).await?;
-    let body: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}")))?;
+    let body = read_json(body, headers, st.cfg.max_body_bytes).await?;
     let chat = anthropic::count_tokens_request(&body)?;
     match chat.get("model") {
         Some(Value::String(m)) if *m == st.model_name => {}
